@@ -1,0 +1,1 @@
+"""data_curation: turning raw image/video-text corpora into curated, encoded training shards."""

@@ -1,0 +1,1 @@
+"""jobs: the `lance-pipeline` command line, job entrypoints and the end-to-end demo."""

@@ -1,0 +1,1 @@
+"""rl: Flow-GRPO reward tuning with OCR reward actors."""
