@@ -1,0 +1,259 @@
+"""The Lance attention mask over packed multi-sample sequences, and the kernels that apply it.
+
+Mask rule (MODEL.md §4), for query q and key k of a packed batch:
+    same sample  AND  (k precedes-or-is q  OR  q and k share a `full`/`noise` split)
+                 AND  (k is not in a `noise` split, unless it is q's own split)
+
+The rule is evaluated from a few per-token vectors (`MaskLayout`), never from a materialised
+matrix, so the same function serves the dense reference (SDPA with a boolean mask), the
+FlexAttention `mask_mod` (block mask built once per batch and shared by every layer), and the
+split-wise decomposition used by flash-attn varlen.
+
+Token order: the model keeps tokens in an *expert-sorted* order (all understanding tokens, then all
+generation tokens) so that every per-expert projection is a contiguous slice. Causality therefore
+compares `order` (the token's index in the rendered sequence), not the storage index.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+CAUSAL, FULL, NOISE = "causal", "full", "noise"
+MODES = (CAUSAL, FULL, NOISE)
+
+
+@dataclass
+class MaskLayout:
+    """Per-token vectors (length L, storage order) from which the mask rule is evaluated."""
+
+    sample: torch.Tensor  # long: sample index of the token
+    split: torch.Tensor  # long: global split index of the token
+    order: torch.Tensor  # long: index of the token in the rendered (pre-sort) sequence
+    bidirectional: torch.Tensor  # bool: token sits in a `full` or `noise` split
+    noise: torch.Tensor  # bool: token sits in a `noise` split
+
+    def to(self, device: torch.device | str) -> MaskLayout:
+        return MaskLayout(*(t.to(device) for t in (self.sample, self.split, self.order,
+                                                    self.bidirectional, self.noise)))
+
+    def __len__(self) -> int:
+        return int(self.sample.shape[0])
+
+    @classmethod
+    def from_splits(cls, sample_splits: list[list[tuple[str, int]]],
+                    storage_perm: torch.Tensor | None = None) -> MaskLayout:
+        """Build from `[[(mode, length), ...] per sample]` in rendered order; `storage_perm[i]` is
+        the rendered index of the token stored at position i (identity when None)."""
+        sample, split, bidir, noise = [], [], [], []
+        split_id = 0
+        for s, splits in enumerate(sample_splits):
+            for mode, length in splits:
+                if mode not in MODES:
+                    raise ValueError(f"split mode {mode!r}: expected one of {MODES}")
+                sample += [s] * length
+                split += [split_id] * length
+                bidir += [mode != CAUSAL] * length
+                noise += [mode == NOISE] * length
+                split_id += 1
+        order = torch.arange(len(sample)) if storage_perm is None else storage_perm.long()
+        idx = order
+        return cls(sample=torch.tensor(sample, dtype=torch.long)[idx],
+                   split=torch.tensor(split, dtype=torch.long)[idx],
+                   order=order,
+                   bidirectional=torch.tensor(bidir, dtype=torch.bool)[idx],
+                   noise=torch.tensor(noise, dtype=torch.bool)[idx])
+
+
+def mask_rule(layout: MaskLayout, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The Lance rule for (broadcastable) query/key storage indexes; the single source of truth."""
+    same_sample = layout.sample[q] == layout.sample[k]
+    same_split = layout.split[q] == layout.split[k]
+    earlier = layout.order[k] <= layout.order[q]
+    in_block = same_split & layout.bidirectional[q]
+    visible = ~layout.noise[k] | same_split
+    return same_sample & (earlier | in_block) & visible
+
+
+def dense_mask(layout: MaskLayout) -> torch.Tensor:
+    """Boolean [L, L] mask (True = may attend)."""
+    idx = torch.arange(len(layout), device=layout.sample.device)
+    return mask_rule(layout, idx[:, None], idx[None, :])
+
+
+# ---------------------------------------------------------------------------------------- backends
+class AttentionBackend:
+    """`prepare(layout)` once per batch, then `attend(q, k, v, state)` in every layer.
+
+    q: [L, Hq, D], k/v: [L, Hkv, D] (GQA: Hq a multiple of Hkv). Returns [L, Hq, D]."""
+
+    name = "base"
+
+    def prepare(self, layout: MaskLayout):
+        raise NotImplementedError
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SdpaAttention(AttentionBackend):
+    """Dense boolean mask + PyTorch SDPA: the reference backend (CPU, tests, small batches)."""
+
+    name = "sdpa"
+
+    def prepare(self, layout: MaskLayout) -> torch.Tensor:
+        return dense_mask(layout)
+
+    def attend(self, q, k, v, state):
+        if q.is_cuda and k.shape[1] != q.shape[1]:
+            # SDPA's fused kernels that take a mask (memory-efficient) have no GQA path: with
+            # `enable_gqa` a masked call falls back to the math kernel, which materialises the
+            # [H, L, L] scores. Repeating the KV heads is the same math and keeps the fused kernel.
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                             v.transpose(0, 1)[None], attn_mask=state,
+                                             enable_gqa=k.shape[1] != q.shape[1])
+        return out[0].transpose(0, 1)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+class FlexAttention(AttentionBackend):
+    """FlexAttention with a block mask built once per batch from the mask rule."""
+
+    name = "flex"
+
+    def __init__(self, block_size: int = 128, compile: bool | None = None) -> None:
+        self.block_size = block_size
+        self.compile = compile
+
+    def prepare(self, layout: MaskLayout):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return mask_rule(layout, q_idx, kv_idx)
+
+        n = len(layout)
+        device = layout.sample.device
+        return create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device,
+                                 BLOCK_SIZE=self.block_size)
+
+    def attend(self, q, k, v, state):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        use_compile = self.compile if self.compile is not None else q.is_cuda
+        # Inside a compiled region (e.g. `compile_layers`) dynamo traces flex_attention itself.
+        fn = _compiled_flex() if use_compile and not torch.compiler.is_compiling() else flex_attention
+        out = fn(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                 block_mask=state, enable_gqa=True)
+        return out[0].transpose(0, 1)
+
+
+VarlenFn = Callable[..., torch.Tensor]
+
+
+@dataclass
+class VarlenPlan:
+    """Split-wise decomposition of the mask into varlen attention problems (one per split).
+
+    Every split's queries attend [visible prefix keys of its sample] + [its own split], causally
+    (bottom-right aligned) for `causal` splits and fully for `full`/`noise` splits."""
+
+    groups: list[tuple[bool, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]]
+
+
+def plan_varlen(layout: MaskLayout) -> VarlenPlan:
+    sample, split, order = layout.sample.cpu(), layout.split.cpu(), layout.order.cpu()
+    bidir, noise = layout.bidirectional.cpu(), layout.noise.cpu()
+    by_order = torch.argsort(order)  # storage indexes in rendered order
+    groups: dict[bool, list] = {True: [[], [], [0], [0], 0, 0], False: [[], [], [0], [0], 0, 0]}
+    # Walk the rendered sequence split by split, keeping each sample's visible prefix.
+    split_r = split[by_order]
+    boundaries = torch.nonzero(split_r[1:] != split_r[:-1]).flatten() + 1
+    starts = [0] + boundaries.tolist()
+    ends = boundaries.tolist() + [len(split_r)]
+    prefix: list[torch.Tensor] = []
+    current_sample = None
+    for a, b in zip(starts, ends):
+        toks = by_order[a:b]
+        first = int(toks[0])
+        if int(sample[first]) != current_sample:
+            current_sample, prefix = int(sample[first]), []
+        causal = not bool(bidir[first])
+        keys = torch.cat(prefix + [toks]) if prefix else toks
+        g = groups[causal]
+        g[0].append(toks)
+        g[1].append(keys)
+        g[2].append(g[2][-1] + len(toks))
+        g[3].append(g[3][-1] + len(keys))
+        g[4] = max(g[4], len(toks))
+        g[5] = max(g[5], len(keys))
+        if not bool(noise[first]):
+            prefix.append(toks)
+    device = layout.sample.device
+    out = []
+    for causal, (qs, ks, cu_q, cu_k, mq, mk) in groups.items():
+        if not qs:
+            continue
+        out.append((causal, torch.cat(qs).to(device), torch.cat(ks).to(device),
+                    torch.tensor(cu_q, dtype=torch.int32, device=device),
+                    torch.tensor(cu_k, dtype=torch.int32, device=device), mq, mk))
+    return VarlenPlan(out)
+
+
+class FlashVarlenAttention(AttentionBackend):
+    """flash-attn varlen over the split-wise decomposition (`plan_varlen`).
+
+    `varlen_fn` defaults to `flash_attn.flash_attn_varlen_func`; tests pass a reference with the
+    same signature (q, k, v, cu_q, cu_k, max_q, max_k, causal=...) to check the decomposition."""
+
+    name = "flash"
+
+    def __init__(self, varlen_fn: VarlenFn | None = None) -> None:
+        if varlen_fn is None:
+            from flash_attn import flash_attn_varlen_func as varlen_fn  # type: ignore[no-redef]
+        self.varlen_fn = varlen_fn
+
+    def prepare(self, layout: MaskLayout) -> VarlenPlan:
+        return plan_varlen(layout)
+
+    def attend(self, q, k, v, state: VarlenPlan):
+        out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+        for causal, q_idx, k_idx, cu_q, cu_k, mq, mk in state.groups:
+            res = self.varlen_fn(q[q_idx], k[k_idx], v[k_idx], cu_q, cu_k, mq, mk, causal=causal)
+            out = out.index_copy(0, q_idx, res.to(out.dtype))
+        return out
+
+
+def flash_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def make_backend(name: str, device: torch.device | str) -> AttentionBackend:
+    """`auto`: FlexAttention on CUDA, dense SDPA on CPU. `flash` needs flash-attn installed."""
+    device = torch.device(device)
+    if name == "auto":
+        name = "flex" if device.type == "cuda" else "sdpa"
+    if name == "sdpa":
+        return SdpaAttention()
+    if name == "flex":
+        return FlexAttention()
+    if name == "flash":
+        if not flash_available():
+            raise RuntimeError("attention_backend='flash' needs the flash-attn package and a CUDA GPU "
+                               "(pip install 'lance-pipelines[gpu]')")
+        return FlashVarlenAttention()
+    raise ValueError(f"attention_backend={name!r}: expected one of auto, sdpa, flex, flash")

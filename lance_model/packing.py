@@ -1,0 +1,165 @@
+"""Packer: several rendered samples -> one `PackedBatch` carrying every index the forward needs.
+
+Storage order is expert-sorted: all understanding tokens (text + ViT, in rendered order), then all
+generation tokens (VAE latents, in rendered order). The forward then runs each expert on one
+contiguous slice; `MaskLayout.order` keeps the rendered order for causality.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, fields
+
+import torch
+
+from .attention import NOISE, MaskLayout
+from .config import LanceConfig
+from .sequence import RenderedSample, Sample, SequenceBuilder
+
+
+@dataclass
+class PackedBatch:
+    num_tokens: int
+    num_und: int  # storage [0, num_und) = text + ViT tokens; [num_und, num_tokens) = VAE tokens
+    layout: MaskLayout
+    positions: torch.Tensor  # long [3, L] MaPE positions (storage order)
+    text_ids: torch.Tensor  # long [Nt]
+    text_index: torch.Tensor  # long [Nt] storage index of each text token
+    vit_index: torch.Tensor  # long [Nv] storage index of each ViT token
+    vit_tokens: torch.Tensor | None  # [Nv, H] precomputed ViT tokens, or None
+    vit_patches: torch.Tensor | None  # [Np, 3*tp*p*p] patches to run the tower on, or None
+    vit_grids: torch.Tensor  # long [n_vit_items, 3] ViT patch grids (for the tower)
+    vae_latents: torch.Tensor  # [Ng, C] clean latent tokens (zeros where unknown, e.g. inference targets)
+    vae_pos_ids: torch.Tensor  # long [Ng] row of the latent position table
+    vae_item: torch.Tensor  # long [Ng] target-item index of each token, -1 for clean condition tokens
+    vae_noisy: torch.Tensor  # bool [Ng] token is part of a noisy target (gets timestep t and MSE)
+    num_items: int  # number of noisy target items
+    ce_index: torch.Tensor  # long [Nc] storage index of positions that predict a label
+    ce_labels: torch.Tensor  # long [Nc]
+    sample_lens: list[int]
+    tasks: list[str]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PackedBatch:
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, MaskLayout):
+                v = v.to(device)
+            elif isinstance(v, torch.Tensor):
+                v = v.to(device, dtype=dtype) if (dtype is not None and v.is_floating_point()) else v.to(device)
+            out[f.name] = v
+        return PackedBatch(**out)
+
+
+def pack_rendered(rendered: list[RenderedSample], config: LanceConfig) -> PackedBatch:
+    """Concatenate rendered samples into one expert-sorted packed batch."""
+    max_latent_size, max_latent_frames = config.max_latent_size, config.max_latent_frames
+    channels = config.vae.latent_channels
+    kinds: list[str] = []  # per rendered token: "text" / "vit" / "vae"
+    text_ids: list[int] = []
+    labels: list[int] = []  # per rendered token: label it predicts, -100 if none
+    vit_tokens, vit_patches, vit_grids = [], [], []
+    vae_lat, vae_pos, vae_item, vae_noisy = [], [], [], []
+    sample_splits, positions = [], []
+    n_items = 0
+    for r in rendered:
+        sample_splits.append([(s.mode, len(s)) for s in r.splits])
+        positions.append(r.positions)
+        for s in r.splits:
+            if s.kind == "text":
+                if s.ce:
+                    if not labels:
+                        raise ValueError("an answer split cannot open a sample")
+                    # the token before each answer token predicts it
+                    for j, tid in enumerate(s.text_ids):
+                        labels[-1] = tid
+                        kinds.append("text")
+                        text_ids.append(tid)
+                        labels.append(-100)
+                else:
+                    kinds += ["text"] * len(s.text_ids)
+                    text_ids += s.text_ids
+                    labels += [-100] * len(s.text_ids)
+                continue
+            n = len(s) - 2
+            kinds.append("text")
+            text_ids.append(s.text_ids[0])
+            kinds += [s.kind] * n
+            kinds.append("text")
+            text_ids.append(s.text_ids[1])
+            labels += [-100] * (n + 2)
+            v = s.visual
+            if s.kind == "vit":
+                if v.vit_tokens is not None:
+                    if v.vit_tokens.shape[0] != n:
+                        raise ValueError(f"ViT tokens {tuple(v.vit_tokens.shape)} do not match grid {v.vit_grid} "
+                                         f"({n} merged tokens)")
+                    vit_tokens.append(v.vit_tokens)
+                elif v.vit_patches is not None:
+                    vit_patches.append(v.vit_patches)
+                else:
+                    raise ValueError("a ViT block needs vit_tokens or vit_patches")
+                vit_grids.append(v.vit_grid)
+            else:
+                t, h, w = s.grid
+                if t > max_latent_frames or h > max_latent_size or w > max_latent_size:
+                    raise ValueError(f"latent grid {s.grid} exceeds the position table "
+                                     f"(max_latent_frames={max_latent_frames}, max_latent_size={max_latent_size})")
+                tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+                vae_pos.append((tt * max_latent_size ** 2 + hh * max_latent_size + ww).flatten())
+                if v.latent is not None:
+                    if v.latent.shape[0] != channels:
+                        raise ValueError(f"latent has {v.latent.shape[0]} channels; the model expects {channels}")
+                    vae_lat.append(v.latent.flatten(1).transpose(0, 1).float())
+                else:
+                    vae_lat.append(torch.zeros(n, channels))
+                noisy = s.mode == NOISE
+                mask = torch.full((n,), noisy, dtype=torch.bool)
+                if noisy and v.clean_frames:
+                    mask[: v.clean_frames * h * w] = False
+                vae_noisy.append(mask)
+                vae_item.append(torch.full((n,), n_items if noisy else -1, dtype=torch.long))
+                n_items += int(noisy)
+
+    kinds_t = torch.tensor([{"text": 0, "vit": 1, "vae": 2}[k] for k in kinds])
+    is_gen = kinds_t == 2
+    perm = torch.cat([torch.nonzero(~is_gen).flatten(), torch.nonzero(is_gen).flatten()])  # storage -> rendered
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(len(perm))  # rendered -> storage
+    rendered_pos = torch.cat(positions, dim=1)
+    labels_t = torch.tensor(labels, dtype=torch.long)
+    ce_rendered = torch.nonzero(labels_t != -100).flatten()
+
+    return PackedBatch(
+        num_tokens=len(kinds),
+        num_und=int((~is_gen).sum()),
+        layout=MaskLayout.from_splits(sample_splits, perm),
+        positions=rendered_pos[:, perm],
+        text_ids=torch.tensor(text_ids, dtype=torch.long),
+        text_index=inv[kinds_t == 0],
+        vit_index=inv[kinds_t == 1],
+        vit_tokens=torch.cat(vit_tokens) if vit_tokens else None,
+        vit_patches=torch.cat(vit_patches) if vit_patches else None,
+        vit_grids=torch.tensor(vit_grids, dtype=torch.long).reshape(-1, 3),
+        vae_latents=torch.cat(vae_lat) if vae_lat else torch.zeros(0, channels),
+        vae_pos_ids=torch.cat(vae_pos) if vae_pos else torch.zeros(0, dtype=torch.long),
+        vae_item=torch.cat(vae_item) if vae_item else torch.zeros(0, dtype=torch.long),
+        vae_noisy=torch.cat(vae_noisy) if vae_noisy else torch.zeros(0, dtype=torch.bool),
+        num_items=n_items,
+        ce_index=inv[ce_rendered],
+        ce_labels=labels_t[ce_rendered],
+        sample_lens=[len(r) for r in rendered],
+        tasks=[r.task for r in rendered],
+    )
+
+
+def pack_samples(samples: list[Sample], builder: SequenceBuilder, config: LanceConfig, caption_dropout: float = 0.0, condition_dropout: float = 0.0,
+                 rng: random.Random | None = None) -> PackedBatch:
+    """Render + pack, applying CFG dropout with `rng` (training) when the probabilities are > 0."""
+    rng = rng or random.Random(0)
+    rendered = []
+    for s in samples:
+        generation = s.target is not None and s.task not in ("i2t", "v2t")
+        drop_caption = generation and caption_dropout > 0 and rng.random() < caption_dropout
+        drop_condition = generation and s.source is not None and condition_dropout > 0 and rng.random() < condition_dropout
+        rendered.append(builder.render(s, drop_caption=drop_caption, drop_condition=drop_condition, rng=rng))
+    return pack_rendered(rendered, config)
