@@ -120,9 +120,11 @@ class MoTDecoder(nn.Module):
         self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x_und: torch.Tensor, x_gen: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attend: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-        for layer in self.layers:
-            x_und, x_gen = layer(x_und, x_gen, cos, sin, attend)
+                attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`attend(layer_index, q, k, v)`: the layer index lets a KV cache keep one entry per layer."""
+        for i, layer in enumerate(self.layers):
+            x_und, x_gen = layer(x_und, x_gen, cos, sin, functools.partial(attend, i))
         return self.norm(x_und), self.norm_moe_gen(x_gen)
 
 

@@ -146,7 +146,7 @@ class Lance(nn.Module):
         backend = self.attention_backend(x_und.device)
         state = backend.prepare(batch.layout)
         return self.language_model.model(x_und, x_gen, cos.to(x_und.dtype), sin.to(x_und.dtype),
-                                         lambda q, k, v: backend.attend(q, k, v, state))
+                                         lambda i, q, k, v: backend.attend(q, k, v, state))
 
     def forward(self, batch: PackedBatch, timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                 generator: torch.Generator | None = None, ce_count: int | None = None,
