@@ -9,6 +9,7 @@ follow the official checkpoint layout (MODEL.md §2), so `state_dict()` keys mat
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
