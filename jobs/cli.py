@@ -6,6 +6,7 @@ shows the full traceback instead.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
@@ -14,14 +15,8 @@ from lance_model.config import ConfigError
 USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    r = run_demo(workdir=args.workdir, preset=args.preset, steps=args.steps, images=args.images, seed=args.seed)
-    print(f"\n{'stage':<8} {'steps':>6} {'first loss':>11} {'final loss':>11}  checkpoint")
-    print(f"{'train':<8} {r.steps:>6} {r.first_loss:>11.4f} {r.final_loss:>11.4f}  {r.checkpoint}")
-    print(f"done in {r.seconds:.1f} s; the checkpoint loads with Lance.from_pretrained('{r.checkpoint}')")
-    return 0
+# Each command module exposes `register(subparsers)`, which adds its parser and sets `func`.
+COMMAND_MODULES = ("jobs.demo",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,15 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    demo = sub.add_parser("demo", help="run the end-to-end demo at toy scale (CPU, offline)",
-                          description="Synthetic corpus -> encoders -> training -> checkpoint, on embedded defaults.")
-    demo.add_argument("--workdir", default="runs/demo", help="where checkpoints and logs go (default: runs/demo)")
-    demo.add_argument("--preset", default="tiny", choices=["tiny", "nano"], help="model preset (default: tiny)")
-    demo.add_argument("--steps", type=int, default=60, help="training steps (default: 60)")
-    demo.add_argument("--images", type=int, default=8, help="synthetic images to render (default: 8)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    demo.set_defaults(func=cmd_demo)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return p
 
 
