@@ -17,16 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .configio import ConfigError, from_dict
+
 CONFIG_FILE = "lance_config.json"
 OFFICIAL_LLM_CONFIG_FILE = "llm_config.json"
 OFFICIAL_VIT_CONFIG_FILE = "vit_config.json"
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "flash")
 VAE_KINDS = ("wan2.2", "pixel")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field, the value and what was expected."""
 
 
 def _check(cond: bool, field_name: str, value: Any, expected: str) -> None:
@@ -166,11 +164,11 @@ class LanceConfig:
     def __post_init__(self) -> None:
         # Accept plain dicts (from JSON/YAML) for the nested configs.
         if isinstance(self.text, dict):
-            self.text = _from_dict(TextConfig, self.text, "text.")
+            self.text = from_dict(TextConfig, self.text, "text.")
         if isinstance(self.vit, dict):
-            self.vit = _from_dict(VitConfig, self.vit, "vit.")
+            self.vit = from_dict(VitConfig, self.vit, "vit.")
         if isinstance(self.vae, dict):
-            self.vae = _from_dict(VaeConfig, self.vae, "vae.")
+            self.vae = from_dict(VaeConfig, self.vae, "vae.")
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> LanceConfig:
@@ -206,7 +204,7 @@ class LanceConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LanceConfig:
-        return _from_dict(cls, data).validate()
+        return from_dict(cls, data).validate()
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / CONFIG_FILE
@@ -244,23 +242,6 @@ class LanceConfig:
             return from_official_config(directory)
         raise FileNotFoundError(
             f"no model config in {directory}: expected {CONFIG_FILE} or the official {OFFICIAL_LLM_CONFIG_FILE}")
-
-
-def _from_dict(klass: type, data: dict[str, Any], prefix: str = "") -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or klass.__name__}={data!r}: expected a mapping of "
-                          f"{klass.__name__} fields")
-    known = {f.name: f for f in dataclasses.fields(klass)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        shown = ", ".join(f"{prefix}{k}={data[k]!r}" for k in unknown)
-        raise ConfigError(f"{shown}: unknown {klass.__name__} field(s) {unknown}; known: {sorted(known)}")
-    kwargs = {}
-    for key, value in data.items():
-        if isinstance(value, list):
-            value = tuple(value)
-        kwargs[key] = value
-    return klass(**kwargs)
 
 
 # ---------------------------------------------------------------------- official config files

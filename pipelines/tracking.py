@@ -1,0 +1,167 @@
+"""MLflow tracking for every stage (curate, pt, ct, sft, rl, refresh): one small wrapper, used by
+the driver / rank 0 only.
+
+- Tracking URI: `MLFLOW_TRACKING_URI` when set, else `sqlite:///<workdir>/mlflow.db` with
+  artifacts under `<workdir>/mlartifacts` (the embedded default: no server to start).
+- Runs are created through `MlflowClient` (no global "active run" state), so a parent run and its
+  child stage runs can be open at once, and a restarted stage can reopen its run by id.
+- If the tracking backend fails, the failure is reported once, clearly, and the work goes on
+  without tracking: losing metrics must never lose a training run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from lance_model.configio import flatten
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT = "lance"
+PARENT_TAG = "mlflow.parentRunId"
+MAX_PARAM_LEN = 6000
+
+
+def default_tracking_uri(workdir: str | Path) -> str:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    path = Path(workdir).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'mlflow.db'}"
+
+
+class Tracker:
+    """A handle on one MLflow run. Methods never raise once tracking has failed: they log once and no-op."""
+
+    def __init__(self, tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT,
+                 artifact_root: str | Path | None = None) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.artifact_root = Path(artifact_root).resolve() if artifact_root else None
+        self.run_id: str | None = None
+        self._client = None
+        self._failed = False
+
+    # ------------------------------------------------------------------ internals
+    def _fail(self, what: str, exc: Exception) -> None:
+        if not self._failed:
+            log.warning("MLflow tracking at %s failed during %s (%s); the work goes on without tracking",
+                        self.tracking_uri, what, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        self._failed = True
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        if self._failed or self.run_id is None and what != "start":
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any backend failure: report once, keep working
+            self._fail(what, exc)
+            return None
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    def _experiment_id(self) -> str:
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        location = self.artifact_root.as_uri() if self.artifact_root else None
+        return self.client.create_experiment(self.experiment, artifact_location=location)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, run_name: str, parent_run_id: str | None = None, run_id: str | None = None,
+              tags: dict[str, str] | None = None) -> str | None:
+        """Open a new run, or reopen `run_id` (a resumed stage continues its own run)."""
+        def _start():
+            if run_id:
+                self.client.update_run(run_id, status="RUNNING")
+                return run_id
+            all_tags = dict(tags or {})
+            if parent_run_id:
+                all_tags[PARENT_TAG] = parent_run_id
+            run = self.client.create_run(self._experiment_id(), run_name=run_name, tags=all_tags)
+            return run.info.run_id
+
+        self.run_id = self._call("start", _start)
+        return self.run_id
+
+    def end(self, status: str = "FINISHED") -> None:
+        self._call("end", self.client.set_terminated, self.run_id, status=status)
+
+    # ------------------------------------------------------------------ logging
+    def log_params(self, params: Any) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten(params)
+        items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in flat.items()]
+        for i in range(0, len(items), 100):
+            self._call("log_params", self.client.log_batch, self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
+        self._call("log_metrics", self.client.log_batch, self.run_id, metrics=items)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self._call("set_tag", self.client.set_tag, self.run_id, k, str(v))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        fn = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
+        self._call("log_artifact", fn, self.run_id, str(path), artifact_path)
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        """A JSON/YAML artifact from a Python object (e.g. the resolved config)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            target = Path(tmp) / name
+            if name.endswith((".yaml", ".yml")):
+                import yaml
+
+                target.write_text(yaml.safe_dump(obj, sort_keys=False))
+            else:
+                target.write_text(json.dumps(obj, indent=2, default=str))
+            self.log_artifact(target)
+
+    def log_input(self, name: str, source: str, digest: str, context: str = "training",
+                  schema: dict | None = None) -> None:
+        """Dataset lineage: a named dataset (e.g. a shard manifest) as an input of this run."""
+        def _log():
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+
+            ds = Dataset(name=name, digest=digest, source_type="local", source=source,
+                         schema=json.dumps(schema) if schema else None)
+            self.client.log_inputs(self.run_id, [DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])])
+
+        self._call("log_input", _log)
+
+
+@contextmanager
+def tracked_run(workdir: str | Path, run_name: str, experiment: str = DEFAULT_EXPERIMENT,
+                parent_run_id: str | None = None, run_id: str | None = None,
+                tags: dict[str, str] | None = None) -> Iterator[Tracker]:
+    """Open a run for the body; it ends FINISHED, or FAILED if the body raises."""
+    tracker = Tracker(default_tracking_uri(workdir), experiment, Path(workdir) / "mlartifacts")
+    tracker.start(run_name, parent_run_id=parent_run_id, run_id=run_id, tags=tags)
+    try:
+        yield tracker
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end("FINISHED")
