@@ -1,0 +1,152 @@
+"""The curated shard format (DATA.md §3): versioned Parquet, one row per training sample.
+
+This module is the contract between curation (writer) and training (reader):
+- `shard_schema()`: the Arrow schema of schema version `SCHEMA_VERSION`;
+- tensors (VAE posterior means, ViT tokens) are stored as raw bf16 bytes with their shape;
+- the schema version and the encoder description live in the Parquet key-value metadata, and a
+  reader refuses a shard whose version it does not know, naming both versions;
+- `row_to_sample` turns a row into the `lance_model` sample the packer consumes.
+
+Latent layout on disk: [t, h, w, c] (channels last, as DATA.md writes the shape), converted to the
+model's [c, t, h, w] on read. ViT tokens: [n, d] merged tokens with the ViT patch grid (t, h, w).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from lance_model.sequence import Sample, Visual
+
+SCHEMA_VERSION = 1
+VERSION_KEY = b"lance.schema_version"
+ENCODER_KEY = b"lance.encoder"
+
+SHARD_TASKS = ("t2i", "t2v", "i2v", "i2i", "v2v", "i2t", "v2t")
+# shard task -> model task
+MODEL_TASK = {"t2i": "t2i", "t2v": "t2v", "i2v": "i2v", "i2i": "image_edit", "v2v": "video_edit",
+              "i2t": "i2t", "v2t": "v2t"}
+SLOTS = ("target", "source")
+
+
+class SchemaVersionError(ValueError):
+    """A shard was written with a schema version this reader does not know."""
+
+
+def shard_schema() -> pa.Schema:
+    ints = pa.list_(pa.int32())
+    fields = [
+        ("sample_id", pa.string()), ("task", pa.string()), ("source_uri", pa.string()),
+        ("caption", pa.string()), ("caption_ids", ints),
+        ("question", pa.string()), ("question_ids", ints),
+        ("answer", pa.string()), ("answer_ids", ints),
+        ("height", pa.int32()), ("width", pa.int32()), ("num_frames", pa.int32()), ("fps", pa.float32()),
+        ("bucket", pa.string()),
+    ]
+    for slot in SLOTS:
+        fields += [
+            (f"{slot}_vae_latent", pa.binary()), (f"{slot}_vae_shape", ints),
+            (f"{slot}_vae_logvar", pa.binary()),
+            (f"{slot}_vit_tokens", pa.binary()), (f"{slot}_vit_shape", ints), (f"{slot}_vit_grid", ints),
+            (f"{slot}_pixels", pa.binary()),
+        ]
+    fields += [("blur_score", pa.float32()), ("motion_score", pa.float32())]
+    return pa.schema([pa.field(name, typ, nullable=True) for name, typ in fields])
+
+
+# ---------------------------------------------------------------------------------------- tensors
+def tensor_to_bytes(t: torch.Tensor) -> bytes:
+    """Raw little-endian bf16 bytes (row-major)."""
+    return t.detach().to(torch.bfloat16).contiguous().cpu().view(torch.int16).numpy().tobytes()
+
+
+def bytes_to_tensor(data: bytes, shape: list[int] | tuple[int, ...]) -> torch.Tensor:
+    arr = np.frombuffer(data, dtype=np.int16)
+    expected = int(np.prod(shape)) if len(shape) else 1
+    if arr.size != expected:
+        raise ValueError(f"tensor bytes hold {arr.size} bf16 values; shape {tuple(shape)} needs {expected}")
+    return torch.from_numpy(arr.copy()).view(torch.bfloat16).reshape(tuple(shape))
+
+
+# ---------------------------------------------------------------------------------------- files
+def write_shard(rows: list[dict[str, Any]] | pa.Table, path: str | Path, encoder: dict | None = None) -> Path:
+    """Atomically write one shard (temporary name, then rename). Missing columns are null."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    schema = shard_schema()
+    if isinstance(rows, pa.Table):
+        table = rows.select([n for n in schema.names if n in rows.column_names])
+        missing = [n for n in schema.names if n not in table.column_names]
+        for n in missing:
+            table = table.append_column(schema.field(n), pa.nulls(len(table), schema.field(n).type))
+        table = table.select(schema.names).cast(schema)
+    else:
+        unknown = sorted({k for r in rows for k in r} - set(schema.names))
+        if unknown:
+            raise ValueError(f"unknown shard columns: {unknown}")
+        table = pa.Table.from_pylist([{n: r.get(n) for n in schema.names} for r in rows], schema=schema)
+    meta = {VERSION_KEY: str(SCHEMA_VERSION).encode(), ENCODER_KEY: json.dumps(encoder or {}).encode()}
+    table = table.replace_schema_metadata(meta)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+    return path
+
+
+def shard_version(path: str | Path) -> int | None:
+    meta = pq.read_schema(path).metadata or {}
+    raw = meta.get(VERSION_KEY)
+    return int(raw) if raw is not None else None
+
+
+def check_version(path: str | Path) -> None:
+    found = shard_version(path)
+    if found != SCHEMA_VERSION:
+        raise SchemaVersionError(f"{path}: shard schema version {found} is not supported by this reader "
+                                 f"(reader version {SCHEMA_VERSION})")
+
+
+def read_shard(path: str | Path) -> pa.Table:
+    check_version(path)
+    return pq.read_table(path)
+
+
+def shard_encoder(path: str | Path) -> dict:
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(ENCODER_KEY, b"{}"))
+
+
+# ---------------------------------------------------------------------------------------- rows
+def row_visual(row: dict[str, Any], slot: str) -> Visual | None:
+    lat, vit = row.get(f"{slot}_vae_latent"), row.get(f"{slot}_vit_tokens")
+    if lat is None and vit is None:
+        return None
+    visual = Visual()
+    if lat is not None:
+        shape = row[f"{slot}_vae_shape"]  # t, h, w, c
+        visual.latent = bytes_to_tensor(lat, shape).permute(3, 0, 1, 2).float()
+        visual.latent_shape = tuple(int(s) for s in shape[:3])
+    if vit is not None:
+        visual.vit_tokens = bytes_to_tensor(vit, row[f"{slot}_vit_shape"]).float()
+        visual.vit_grid = tuple(int(g) for g in row[f"{slot}_vit_grid"])
+    return visual
+
+
+def row_to_sample(row: dict[str, Any]) -> Sample:
+    """A shard row -> `lance_model.sequence.Sample` (text from the stored strings)."""
+    task = row["task"]
+    if task not in MODEL_TASK:
+        raise ValueError(f"shard row {row.get('sample_id')}: task={task!r}, expected one of {SHARD_TASKS}")
+    model_task = MODEL_TASK[task]
+    target, source = row_visual(row, "target"), row_visual(row, "source")
+    if model_task in ("i2t", "v2t"):
+        return Sample(model_task, row.get("question") or "", answer=row.get("answer"), source=source or target)
+    if model_task == "i2v" and target is not None:
+        target.clean_frames = 1
+    return Sample(model_task, row.get("caption") or "", target=target, source=source)
