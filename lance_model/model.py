@@ -140,13 +140,17 @@ class Lance(nn.Module):
         return x_und, x_gen.to(dtype)
 
     def backbone(self, batch: PackedBatch, x_und: torch.Tensor, x_gen: torch.Tensor):
-        """Run the MoT decoder; returns the final-normed hidden states of both streams."""
-        cfg = self.config.text
-        cos, sin = rotary_cos_sin(batch.positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+        """Run the MoT decoder with the batch's mask; returns the final-normed hidden states of both streams."""
         backend = self.attention_backend(x_und.device)
         state = backend.prepare(batch.layout)
-        return self.language_model.model(x_und, x_gen, cos.to(x_und.dtype), sin.to(x_und.dtype),
-                                         lambda i, q, k, v: backend.attend(q, k, v, state))
+        return self.run_decoder(batch.positions, x_und, x_gen, lambda i, q, k, v: backend.attend(q, k, v, state))
+
+    def run_decoder(self, positions: torch.Tensor, x_und: torch.Tensor, x_gen: torch.Tensor, attend):
+        """The MoT decoder with a caller-supplied `attend(layer_index, q, k, v)` (e.g. a KV cache)
+        for tokens at MaPE `positions` [3, L] (storage order: und then gen)."""
+        cfg = self.config.text
+        cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+        return self.language_model.model(x_und, x_gen, cos.to(x_und.dtype), sin.to(x_und.dtype), attend)
 
     def forward(self, batch: PackedBatch, timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                 generator: torch.Generator | None = None, ce_count: int | None = None,

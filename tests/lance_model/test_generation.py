@@ -1,0 +1,217 @@
+"""Generation and understanding inference on a tiny random model: KV cache == full recompute,
+CFG branches and interval, batching, i2v's frozen first frame, the SDE sampler, text decoding."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lance_model import Lance, LanceConfig
+from lance_model.generation import (
+    DenoisingSession,
+    LanceGenerator,
+    Request,
+    SamplerOptions,
+    TextOptions,
+    _pick_tokens,
+    generate_text,
+    sample_latents,
+    split_at_target,
+)
+from lance_model.sampling import flow_timesteps
+
+FAST = {"num_steps": 4, "interval": (0.3, 1.0)}
+
+
+@pytest.fixture(scope="module")
+def gen() -> LanceGenerator:
+    torch.manual_seed(0)
+    model = Lance(LanceConfig.from_preset("tiny"))
+    model.init_weights(std=0.05)  # large enough that every branch and token visibly matters
+    return LanceGenerator(model)
+
+
+def frames(t: int, h: int, w: int, seed: int) -> torch.Tensor:
+    return torch.rand(t, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+REQUESTS = {
+    "t2i": lambda p, s: Request("t2i", p, 16, 20, seed=s),
+    "t2v": lambda p, s: Request("t2v", p, 12, 12, frames=3, seed=s),
+    "i2v": lambda p, s: Request("i2v", p, frames=3, seed=s, source=frames(1, 12, 16, 7)),
+    "image_edit": lambda p, s: Request("image_edit", p, seed=s, source=frames(1, 28, 56, 8)),
+    "video_edit": lambda p, s: Request("video_edit", p, seed=s, source=frames(2, 28, 28, 9)),
+}
+
+
+def latents(gen, task, prompts, seeds, use_cache=True, **options):
+    samples = [gen.prepare(REQUESTS[task](p, s)) for p, s in zip(prompts, seeds)]
+    with torch.no_grad():
+        return sample_latents(gen.model, gen.builder, samples, seeds, SamplerOptions(**{**FAST, **options}), use_cache)
+
+
+@pytest.mark.parametrize("task,options", [
+    ("t2i", {}), ("t2v", {}), ("i2v", {}), ("image_edit", {"image_scale": 1.6}), ("video_edit", {}),
+])
+def test_kv_cache_gives_the_same_latents_as_full_recompute(gen, task, options):
+    prompts, seeds = ["a red sign", 'the word "GO"'], [3, 4]
+    cached = latents(gen, task, prompts, seeds, True, **options)
+    full = latents(gen, task, prompts, seeds, False, **options)
+    torch.testing.assert_close(cached.latents, full.latents, atol=2e-5, rtol=1e-4)
+    noise = latents(gen, task, prompts, seeds, True, num_steps=1, text_scale=1.0).latents
+    assert (cached.latents - noise).abs().max() > 1e-2  # the model did move the latents
+
+
+def test_edit_image_guidance_runs_a_third_branch_and_changes_the_result(gen):
+    sample = gen.prepare(REQUESTS["image_edit"]("make it red", 0))
+    session = DenoisingSession(gen.model, gen.builder, [sample], SamplerOptions(image_scale=2.0))
+    assert session.branches == ["cond", "text_uncond", "uncond_all"]
+    rows = session.rendered
+    assert [s.modality for s in rows[2].splits].count(2) == 0 and 0 not in [s.modality for s in rows[2].splits]
+    assert 0 not in [s.modality for s in rows[1].splits] and 2 in [s.modality for s in rows[1].splits]
+    with_img = latents(gen, "image_edit", ["make it red"], [0], image_scale=2.0).latents
+    text_only = latents(gen, "image_edit", ["make it red"], [0], image_scale=1.0).latents
+    assert (with_img - text_only).abs().max() > 1e-3
+
+
+def test_cfg_scale_one_equals_the_conditional_branch(gen):
+    scale_one = latents(gen, "t2i", ["a cat"], [1], text_scale=1.0, renorm="none")
+    # guidance 4 but an interval that no timestep falls in -> only the conditional branch runs
+    never = latents(gen, "t2i", ["a cat"], [1], text_scale=4.0, interval=(0.999, 0.9999), renorm="none")
+    guided = latents(gen, "t2i", ["a cat"], [1], text_scale=4.0, renorm="none")
+    torch.testing.assert_close(scale_one.latents, never.latents)
+    assert (guided.latents - scale_one.latents).abs().max() > 1e-3
+
+
+def test_interval_switches_guidance_exactly_at_its_bounds(gen, monkeypatch):
+    ts = flow_timesteps(6, 3.5)
+    interval = (float(ts[4]), float(ts[1]))  # active for t in (ts[4], ts[1]] -> steps 1, 2, 3
+    calls = []
+    original = DenoisingSession.raw_velocity
+
+    def spy(self, x_rows, t):
+        calls.append((t, x_rows.shape[0]))
+        return original(self, x_rows, t)
+
+    monkeypatch.setattr(DenoisingSession, "raw_velocity", spy)
+    latents(gen, "t2i", ["a cat", "a dog"], [0, 1], num_steps=6, interval=interval)
+    assert [rows for _, rows in calls] == [2, 4, 4, 4, 2, 2]
+    assert [t for t, _ in calls] == [float(t) for t in ts[:-1]]
+
+
+@pytest.mark.parametrize("task", ["t2i", "image_edit"])
+def test_batched_generation_equals_single_generations(gen, task):
+    prompts = ["a red sign", "hello", 'a long caption about the word "OPEN" on a blue door']
+    seeds = [5, 6, 7]
+    batched = latents(gen, task, prompts, seeds).latents
+    for i, (p, s) in enumerate(zip(prompts, seeds)):
+        single = latents(gen, task, [p], [s]).latents
+        torch.testing.assert_close(batched[i:i + 1], single, atol=1e-5, rtol=1e-5)
+
+
+def test_i2v_keeps_the_image_latent_as_a_clean_first_frame(gen):
+    req = REQUESTS["i2v"]("waves", 2)
+    out = latents(gen, "i2v", ["waves"], [2])
+    image_latent = gen.vae_latent(req.source)
+    assert out.latents.shape[2] == 3
+    assert torch.equal(out.latents[0, :, 0], image_latent[:, 0])
+    assert (out.latents[0, :, 1:] - image_latent[:, :1]).abs().max() > 1e-2
+
+
+def test_target_split_positions_come_from_the_full_render(gen):
+    sample = gen.prepare(REQUESTS["image_edit"]("x", 0))
+    rendered = gen.builder.render(sample)
+    prefix, target = split_at_target(rendered)
+    n = len(prefix) + len(target)
+    assert torch.equal(torch.cat([prefix.positions, target.positions], 1), rendered.positions[:, :n])
+    assert target.splits[0].mode == "noise" and len(rendered) == n + 1  # only <|im_end|> is left out
+
+
+def test_sde_sampler_reports_log_probs_and_noise_level_zero_is_the_ode(gen):
+    sde = latents(gen, "t2i", ["a cat", "a dog"], [0, 1], noise_level=0.7)
+    assert sde.log_probs.shape == (2, 4) and torch.isfinite(sde.log_probs).all()
+    ode = latents(gen, "t2i", ["a cat", "a dog"], [0, 1])
+    zero = latents(gen, "t2i", ["a cat", "a dog"], [0, 1], noise_level=0.0)
+    torch.testing.assert_close(zero.latents, ode.latents, atol=1e-5, rtol=1e-5)
+    assert (sde.latents - ode.latents).abs().max() > 1e-2
+
+
+def x2t_samples(gen):
+    return [gen.prepare(Request("i2t", "What does the sign say?", source=frames(1, 28, 28, 1))),
+            gen.prepare(Request("v2t", "Describe the video.", source=frames(3, 28, 56, 2)))]
+
+
+@pytest.mark.parametrize("options", [TextOptions(max_new_tokens=10),
+                                     TextOptions(max_new_tokens=10, temperature=1.0, top_p=0.95)])
+def test_text_generation_with_kv_cache_equals_full_recompute(gen, options):
+    samples = x2t_samples(gen)
+    with torch.no_grad():
+        cached = generate_text(gen.model, gen.builder, samples, options, [1, 2], use_cache=True)
+        full = generate_text(gen.model, gen.builder, samples, options, [1, 2], use_cache=False)
+        single = generate_text(gen.model, gen.builder, samples[1:], options, [2], use_cache=True)
+    assert [c.token_ids for c in cached] == [f.token_ids for f in full]
+    assert cached[1].token_ids == single[0].token_ids
+    assert all(len(c.token_ids) == 10 and not c.finished for c in cached)
+    assert all(t < len(gen.tokenizer) for c in cached for t in c.token_ids)
+
+
+def test_text_generation_stops_at_im_end_and_masks_ids_past_the_tokenizer():
+    vocab, im_end = 263, 258
+    logits = torch.full((2, 320), -5.0)
+    logits[0, 300] = 50.0  # beyond the tokenizer: must never be picked
+    logits[0, 65] = 10.0
+    logits[1, im_end] = 10.0
+    assert _pick_tokens(logits, vocab, TextOptions(), []) == [65, im_end]
+    gens = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    # top-p this small keeps only the most likely allowed token
+    assert _pick_tokens(logits, vocab, TextOptions(temperature=1.0, top_p=0.01), gens) == [65, im_end]
+
+
+class EndAfter(torch.nn.Module):
+    """An lm_head that makes <|im_end|> the best token from its `n`-th call on."""
+
+    def __init__(self, head: torch.nn.Module, im_end: int, n: int) -> None:
+        super().__init__()
+        self.head, self.im_end, self.n, self.calls = head, im_end, n, 0
+
+    def forward(self, h):
+        self.calls += 1
+        logits = self.head(h)
+        if self.calls >= self.n:
+            logits[:, self.im_end] += 1e4
+        return logits
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_text_generation_ends_at_im_end(gen, monkeypatch, use_cache):
+    im_end = gen.tokenizer.special_id("<|im_end|>")
+    monkeypatch.setattr(gen.model.language_model, "lm_head", EndAfter(gen.model.language_model.lm_head, im_end, 3))
+    with torch.no_grad():
+        [out] = generate_text(gen.model, gen.builder, x2t_samples(gen)[:1], TextOptions(max_new_tokens=8),
+                              use_cache=use_cache)
+    assert out.finished and len(out.token_ids) == 2 and im_end not in out.token_ids
+
+
+def test_generator_outputs_frames_and_text(gen):
+    reqs = [REQUESTS["t2v"]("a", 0), Request("i2t", "what?", source=frames(1, 28, 28, 3)),
+            REQUESTS["image_edit"]("b", 1)]
+    outs = gen.generate(reqs, SamplerOptions(**FAST), TextOptions(max_new_tokens=3))
+    assert outs[0].frames.shape == (3, 12, 12, 3) and outs[0].frames.dtype == torch.uint8
+    assert outs[1].text is not None and len(outs[1].text.token_ids) <= 3
+    assert outs[2].frames.shape == (1, 28, 56, 3)
+
+
+def test_requests_are_checked_before_model_work(gen):
+    with pytest.raises(ValueError, match="18x16"):
+        gen.prepare(Request("t2i", "a", 18, 16))
+    with pytest.raises(ValueError, match="needs an input image"):
+        gen.prepare(Request("image_edit", "a"))
+    with pytest.raises(ValueError, match="position table"):
+        gen.prepare(Request("t2i", "a", 4 * 40, 16))
+    with pytest.raises(ValueError, match="task='x2i'"):
+        gen.prepare(Request("x2i", "a"))
+    wan = LanceConfig.from_preset("tiny")
+    wan.vae.kind, wan.vae.spatial_stride, wan.vae.temporal_stride = "wan2.2", 16, 4
+    from lance_model.generation import validate_request
+
+    with pytest.raises(ValueError, match="frames=6"):
+        validate_request(Request("t2v", "a", 32, 32, frames=6), wan)
