@@ -16,7 +16,7 @@ USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)
 
 
 # Each command module exposes `register(subparsers)`, which adds its parser and sets `func`.
-COMMAND_MODULES = ("jobs.demo",)
+COMMAND_MODULES = ("jobs.demo", "jobs.generate", "jobs.curate")
 
 
 def build_parser() -> argparse.ArgumentParser:

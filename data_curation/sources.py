@@ -1,0 +1,326 @@
+"""Sources: list the items of a corpus cheaply on the driver, fetch their bytes later in Ray workers.
+
+Listing yields one `SourceItem` per training sample: its `source_uri` (the ledger key), a
+`fingerprint` (size + mtime of the files involved, or a hash of the generator spec) that tells a
+refresh whether it has seen the item, its task, and a JSON `locator` saying how to read it.
+Fetching turns a locator into `Fetched` media bytes and raw text bytes (kept as bytes so a
+non-UTF-8 caption is quarantined by validation, not lost in a reader).
+
+Source kinds (DATA.md §1): `folder` (media files with a JSONL/CSV table of captions, or sidecar
+`.txt`), `webdataset` (tar members grouped by key), `parquet` (the official Lance layouts t2i, t2v,
+i2i, v2v, i2t, v2t) and `synthetic`. Paths are local paths or URIs of any pyarrow filesystem, or of
+any fsspec filesystem through pyarrow's fsspec handler, so object storage works like local disk.
+
+`sample_id` is the content hash of the media bytes and text, so the same sample under two URIs is
+an exact duplicate and a refresh never curates it twice.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import posixpath
+import tarfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from data_curation.config import SourceConfig
+from data_curation.media import MediaError, media_kind
+
+UNDERSTANDING_TASKS = ("i2t", "v2t")
+TEXT_FIELDS = ("caption", "question", "answer")
+CAPTION_FILE_EXTENSIONS = (".txt", ".json", ".jsonl", ".csv", ".parquet")
+# Official Lance Parquet layouts: column -> (slot, media kind) and text columns -> our text fields.
+PARQUET_MEDIA = {
+    "t2i": {"image_bytes": ("target", "image")},
+    "t2v": {"video_bytes": ("target", "video")},
+    "i2i": {"input_image_bytes": ("source", "image"), "output_image_bytes": ("target", "image")},
+    "v2v": {"input_video_bytes": ("source", "video"), "output_video_bytes": ("target", "video")},
+    "i2t": {"image_bytes": ("source", "image")},
+    "v2t": {"video_bytes": ("source", "video")},
+}
+PARQUET_TEXT = {"caption": "caption", "caption_i": "caption", "caption_q": "question", "caption_a": "answer"}
+
+
+class SourceError(ValueError):
+    """A source cannot be listed at all (missing path, unreadable caption table): a config problem."""
+
+
+def main_slot(task: str) -> str:
+    """The slot that holds an item's visual: understanding tasks read a `source`, the rest make a `target`."""
+    return "source" if task in UNDERSTANDING_TASKS else "target"
+
+
+@dataclass
+class SourceItem:
+    source_uri: str
+    fingerprint: str
+    task: str
+    locator: str  # JSON
+
+
+@dataclass
+class Fetched:
+    media: dict[str, tuple[bytes, str | None]]   # slot -> (bytes, "image" | "video" | None)
+    text: dict[str, bytes | None]                # caption / question / answer as raw bytes
+
+    def sample_id(self) -> str:
+        h = hashlib.sha256()
+        for slot in ("target", "source"):
+            data = self.media.get(slot, (b"", None))[0]
+            h.update(f"{slot}:{len(data)}:".encode())
+            h.update(data)
+        for name in TEXT_FIELDS:
+            raw = self.text.get(name)
+            h.update(f"{name}:{-1 if raw is None else len(raw)}:".encode())
+            h.update(raw or b"")
+        return h.hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------------------- filesystems
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path, a pyarrow URI (file://, s3://, gs://, hdfs://) or any
+    fsspec URI (memory://, az://, ...)."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), posixpath.abspath(uri)
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def _join(uri: str, rel: str) -> str:
+    return uri.rstrip("/") + "/" + rel
+
+
+def read_bytes(uri: str, offset: int = 0, size: int | None = None) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open_input_file(path) as f:
+        if size is None:
+            return f.read()
+        return f.read_at(size, offset)
+
+
+def _file_infos(uri: str) -> dict[str, pafs.FileInfo]:
+    """Relative path -> FileInfo of every file under the directory `uri`."""
+    fs, root = filesystem(uri)
+    info = fs.get_file_info(root)
+    if info.type != pafs.FileType.Directory:
+        raise SourceError(f"source directory not found: {uri}")
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    return {posixpath.relpath(i.path, root): i for i in infos if i.type == pafs.FileType.File}
+
+
+def _container_files(uri: str, extension: str) -> list[tuple[str, pafs.FileInfo]]:
+    """(uri, FileInfo) of `uri` itself if it is a file, else of its files ending in `extension`."""
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [(uri, info)]
+    if info.type == pafs.FileType.NotFound:
+        raise SourceError(f"source path not found: {uri}")
+    found = [(_join(uri, rel), i) for rel, i in sorted(_file_infos(uri).items()) if rel.endswith(extension)]
+    if not found:
+        raise SourceError(f"source {uri}: no {extension} files")
+    return found
+
+
+def _stamp(info: pafs.FileInfo) -> str:
+    return f"{info.size}:{info.mtime_ns}"
+
+
+def _fingerprint(*parts: object) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _item(uri: str, task: str, locator: dict, *stamp: object) -> SourceItem:
+    return SourceItem(uri, _fingerprint(*stamp, locator), task, json.dumps(locator, sort_keys=True))
+
+
+# ---------------------------------------------------------------------------------------- folder
+def _caption_table(uri: str) -> dict[str, dict]:
+    """path -> record from a JSONL or CSV table with at least `path` and `caption` columns."""
+    try:
+        text = read_bytes(uri).decode("utf-8")
+    except FileNotFoundError:
+        raise SourceError(f"caption table not found: {uri}") from None
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"caption table {uri} is not UTF-8 ({exc})") from None
+    if uri.endswith(".csv"):
+        rows = list(csv.DictReader(io.StringIO(text)))
+    else:
+        try:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise SourceError(f"caption table {uri}: invalid JSON line ({exc})") from None
+    bad = [r for r in rows if not isinstance(r, dict) or "path" not in r]
+    if bad:
+        raise SourceError(f"caption table {uri}: {len(bad)} record(s) without a `path`, e.g. {bad[0]!r}")
+    return {r["path"]: r for r in rows}
+
+
+def list_folder(src: SourceConfig) -> Iterator[SourceItem]:
+    files = _file_infos(src.uri)
+    records = _caption_table(_join(src.uri, src.captions)) if src.captions else {}
+    paired_sources = {r["source_path"] for r in records.values() if r.get("source_path")}
+    for rel in sorted(files):
+        if rel.lower().endswith(CAPTION_FILE_EXTENSIONS) or rel in paired_sources:
+            continue
+        kind = media_kind(rel)
+        rec = records.get(rel, {})
+        task = rec.get("task") or ("t2v" if kind == "video" else "t2i")
+        media = {main_slot(task): [_join(src.uri, rel), kind]}
+        stamps = [_stamp(files[rel])]
+        if rec.get("source_path"):
+            src_rel = rec["source_path"]
+            if src_rel not in files:
+                raise SourceError(f"{src.captions}: source_path {src_rel!r} of {rel!r} does not exist")
+            media["source"] = [_join(src.uri, src_rel), media_kind(src_rel)]
+            stamps.append(_stamp(files[src_rel]))
+        text = {name: rec.get(name) for name in TEXT_FIELDS}
+        sidecar = posixpath.splitext(rel)[0] + ".txt"
+        text_files = {}
+        if text["caption"] is None and sidecar in files:
+            text_files["caption"] = [_join(src.uri, sidecar), 0, None]
+            stamps.append(_stamp(files[sidecar]))
+        locator = {"kind": "files", "media": media, "text": text, "text_files": text_files}
+        yield _item(_join(src.uri, rel), task, locator, *stamps)
+
+
+# ---------------------------------------------------------------------------------------- webdataset
+def _tar_groups(uri: str) -> dict[str, dict[str, tarfile.TarInfo]]:
+    """key -> {extension: member} of one tar (WebDataset: key = member path up to its first dot)."""
+    fs, path = filesystem(uri)
+    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    with fs.open_input_file(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        for member in tar.getmembers():
+            if not member.isfile():
+                continue
+            directory, base = posixpath.split(member.name)
+            stem, _, ext = base.partition(".")
+            groups.setdefault(posixpath.join(directory, stem), {})["." + ext.lower()] = member
+    return groups
+
+
+def list_webdataset(src: SourceConfig) -> Iterator[SourceItem]:
+    for tar_uri, info in _container_files(src.uri, ".tar"):
+        for key, members in sorted(_tar_groups(tar_uri).items()):
+            media_ext = next((e for e in sorted(members) if media_kind(e)), None)
+            kind = media_kind(media_ext) if media_ext else None
+            member = members[media_ext] if media_ext else next(iter(members.values()))
+            text_files = {name: [tar_uri, members[ext].offset_data, members[ext].size]
+                          for name, ext in (("caption", ".txt"), ("json", ".json")) if ext in members}
+            locator = {"kind": "files", "media": {"target": [tar_uri, kind, member.offset_data, member.size]},
+                       "text": {}, "text_files": text_files}
+            yield _item(f"{tar_uri}#{key}", "t2v" if kind == "video" else "t2i", locator, _stamp(info), key)
+
+
+# ---------------------------------------------------------------------------------------- parquet
+def list_parquet(src: SourceConfig) -> Iterator[SourceItem]:
+    needed = set(PARQUET_MEDIA[src.layout])
+    for file_uri, info in _container_files(src.uri, ".parquet"):
+        fs, path = filesystem(file_uri)
+        with fs.open_input_file(path) as f:
+            meta = pq.ParquetFile(f).metadata
+        missing = needed - set(meta.schema.names)
+        if missing:
+            raise SourceError(f"{file_uri}: layout {src.layout!r} needs columns {sorted(missing)}; "
+                              f"the file has {meta.schema.names}")
+        for group in range(meta.num_row_groups):
+            for row in range(meta.row_group(group).num_rows):
+                locator = {"kind": "parquet", "uri": file_uri, "layout": src.layout, "row_group": group, "row": row}
+                yield _item(f"{file_uri}#rg={group}&row={row}", src.layout, locator, _stamp(info))
+
+
+# ---------------------------------------------------------------------------------------- synthetic
+def list_synthetic(src: SourceConfig) -> Iterator[SourceItem]:
+    from data_curation.synthetic import synthetic_specs
+
+    spec = asdict(src.synthetic)
+    for item in synthetic_specs(src.synthetic):
+        locator = {"kind": "synthetic", "spec": spec, "item": item}
+        yield _item(f"synthetic://{src.name}/{item['kind']}/{item['index']}", item["task"], locator)
+
+
+LISTERS = {"folder": list_folder, "webdataset": list_webdataset, "parquet": list_parquet,
+           "synthetic": list_synthetic}
+
+
+def list_source(src: SourceConfig) -> list[SourceItem]:
+    return list(LISTERS[src.kind](src))
+
+
+# ---------------------------------------------------------------------------------------- fetching
+def _media_bytes(value) -> bytes | None:
+    """Parquet media cells are raw bytes or an HF `Image`/`Video` struct {bytes, path}."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    return value
+
+
+class Fetcher:
+    """Reads items; keeps the last Parquet row group, since items of a file arrive in order."""
+
+    def __init__(self) -> None:
+        self._group_key: tuple[str, int] | None = None
+        self._group: list[dict] = []
+
+    def fetch(self, item: dict) -> Fetched:
+        locator = json.loads(item["locator"])
+        kind = locator["kind"]
+        if kind == "synthetic":
+            from data_curation.synthetic import render_item
+
+            return render_item(locator["spec"], locator["item"])
+        if kind == "parquet":
+            return self._fetch_parquet(locator)
+        return self._fetch_files(locator)
+
+    def _fetch_files(self, locator: dict) -> Fetched:
+        media = {}
+        for slot, (uri, media_type, *span) in locator["media"].items():
+            media[slot] = (read_bytes(uri, *span), media_type)
+        text = {name: (v.encode("utf-8") if isinstance(v, str) else None)
+                for name, v in locator["text"].items()}
+        for name, (uri, offset, size) in locator["text_files"].items():
+            raw = read_bytes(uri, offset, size)
+            if name == "json":
+                text.update(_json_text(raw))
+            else:
+                text[name] = raw
+        return Fetched(media, {name: text.get(name) for name in TEXT_FIELDS})
+
+    def _fetch_parquet(self, locator: dict) -> Fetched:
+        key = (locator["uri"], locator["row_group"])
+        if key != self._group_key:
+            fs, path = filesystem(locator["uri"])
+            with fs.open_input_file(path) as f:
+                self._group = pq.ParquetFile(f).read_row_group(locator["row_group"]).to_pylist()
+            self._group_key = key
+        row = self._group[locator["row"]]
+        media = {slot: (_media_bytes(row[col]) or b"", kind)
+                 for col, (slot, kind) in PARQUET_MEDIA[locator["layout"]].items()}
+        text: dict[str, bytes | None] = dict.fromkeys(TEXT_FIELDS)
+        for col, name in PARQUET_TEXT.items():
+            if row.get(col) is not None:
+                value = row[col]
+                text[name] = value if isinstance(value, bytes) else str(value).encode("utf-8")
+        return Fetched(media, text)
+
+
+def _json_text(raw: bytes) -> dict[str, bytes | None]:
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MediaError("bad_metadata", f"sidecar JSON is unreadable ({exc})") from None
+    if not isinstance(meta, dict):
+        raise MediaError("bad_metadata", f"sidecar JSON is a {type(meta).__name__}, expected an object")
+    return {name: str(meta[name]).encode("utf-8") for name in TEXT_FIELDS if meta.get(name) is not None}

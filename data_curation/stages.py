@@ -1,0 +1,323 @@
+"""The curation stages: small callable classes over numpy batches (`dict[str, np.ndarray]`).
+
+Each stage is a pure batch transform, usable on a plain dict without Ray (the tests do that) and
+composed by `pipeline.py` with `Dataset.map_batches`. CPU stages (`InspectStage`, `PrepareStage`,
+`TokenizeStage`) are passed as instances, so they run as stateless Ray tasks; the encoder stages
+(`VaeStage`, `VitStage`) are passed as classes, so Ray runs them in actor pools that load the model
+once per actor.
+
+- `InspectStage` (pass 1): fetch, decode, validate, score and filter each item, and hash it for
+  dedup. It outputs small metadata rows only: a rejected item gets `status` + `reason`, never
+  disappears.
+- `PrepareStage` (pass 2): fetch and decode the kept items again, choose the aspect bucket and make
+  the VAE copy and the ViT copy of every slot the task needs (uint8 frames [F, H, W, 3]; a slot
+  that needs no copy holds an empty [0, 0, 0, 3] array so the column stays one array type).
+- `VaeStage` / `VitStage`: encode each group of equal-shape inputs as one stacked batch (a batch
+  never mixes buckets or frame counts, so nothing is padded) and store bf16 bytes + shapes.
+- `TokenizeStage`: token ids of caption / question / answer with the model's tokenizer.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from data_curation.buckets import bucket_size, choose_bucket, resize_crop
+from data_curation.config import CurationConfig, ModelRef
+from data_curation.dedup import perceptual_hash
+from data_curation.filters import ItemStats, blur_score, filter_reason, motion_score
+from data_curation.media import Decoded, MediaError, check_size, decode_media, decode_text
+from data_curation.schema import SLOTS, tensor_to_bytes
+from data_curation.sources import TEXT_FIELDS, UNDERSTANDING_TASKS, Fetcher, main_slot
+
+EMPTY_FRAMES = np.zeros((0, 0, 0, 3), dtype=np.uint8)
+EDIT_TASKS = ("i2i", "v2v")
+
+
+def slot_copies(task: str, slot: str) -> tuple[bool, bool]:
+    """(needs a VAE copy, needs a ViT copy) of `slot` for `task`: generated targets are VAE latents,
+    understanding inputs are ViT tokens, and edit sources are both (DATA.md §3)."""
+    if slot == "target":
+        return task not in UNDERSTANDING_TASKS, False
+    return task in EDIT_TASKS, task in EDIT_TASKS or task in UNDERSTANDING_TASKS
+
+
+def pack_ints(values) -> bytes:
+    """An int list as int32 bytes: how shapes, grids and token ids cross Ray. (As Python lists, Ray
+    turns some batches into tensor columns and others into pickled objects, which do not concatenate.)"""
+    return np.asarray(values, dtype=np.int32).tobytes()
+
+
+def unpack_ints(data: bytes | None) -> list[int] | None:
+    return None if data is None else np.frombuffer(data, dtype=np.int32).tolist()
+
+
+INT_LIST_SUFFIXES = ("_shape", "_grid", "_ids")
+
+
+def _missing(value) -> bool:
+    # Ray hands an all-null column of a batch back as float NaN.
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def shard_row(row: dict) -> dict:
+    """A row of the encoded dataset -> a shard row (nulls restored, int lists unpacked)."""
+    out = {k: None if _missing(v) else v for k, v in row.items()}
+    return {k: unpack_ints(v) if k.endswith(INT_LIST_SUFFIXES) else v for k, v in out.items()}
+
+
+def rows_of(batch: dict[str, np.ndarray]) -> list[dict]:
+    n = len(next(iter(batch.values()))) if batch else 0
+    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+
+def to_batch(rows: list[dict], columns: list[str]) -> dict[str, np.ndarray]:
+    out = {}
+    for col in columns:
+        arr = np.empty(len(rows), dtype=object)
+        arr[:] = [r.get(col) for r in rows]
+        out[col] = arr
+    return out
+
+
+# ---------------------------------------------------------------------------------------- loading
+@dataclass
+class LoadedItem:
+    sample_id: str
+    visuals: dict[str, Decoded]
+    text: dict[str, str | None]
+    is_video: bool
+
+
+def load_item(fetcher: Fetcher, item: dict, cfg: CurationConfig) -> LoadedItem:
+    """Fetch + decode + validate one item; raises MediaError with the quarantine reason."""
+    task = item["task"]
+    try:
+        fetched = fetcher.fetch(item)
+    except FileNotFoundError as exc:
+        raise MediaError("missing_file", str(exc)) from None
+    understanding = task in UNDERSTANDING_TASKS
+    max_seconds = cfg.decode.understanding_max_seconds if understanding else cfg.decode.max_seconds
+    limit = cfg.checks.max_caption_chars
+    text = {"caption": decode_text(fetched.text["caption"], "caption", not understanding, limit),
+            "question": decode_text(fetched.text["question"], "question", understanding, limit),
+            "answer": decode_text(fetched.text["answer"], "answer", understanding, limit)}
+    visuals = {}
+    for slot, (data, kind) in fetched.media.items():
+        visuals[slot] = decode_media(data, kind, cfg.decode.target_fps, max_seconds)
+        check_size(visuals[slot], cfg.checks.min_side, cfg.checks.max_side)
+    main = main_slot(task)
+    if main not in visuals:
+        raise MediaError("missing_media", f"task {task} needs a {main} visual")
+    is_video = fetched.media[main][1] == "video"
+    return LoadedItem(fetched.sample_id(), visuals, text, is_video)
+
+
+def _text_chars(text: dict[str, str | None]) -> int:
+    return len(text["caption"] or text["question"] or "")
+
+
+# ---------------------------------------------------------------------------------------- pass 1
+INSPECT_COLUMNS = ["source_uri", "fingerprint", "task", "sample_id", "status", "reason", "detail", "height",
+                   "width", "num_frames", "duration", "caption_chars", "blur_score", "motion_score", "phash"]
+
+
+class InspectStage:
+    """Items (source_uri, fingerprint, task, locator) -> metadata rows with status ok / quarantined /
+    filtered, the filter scores and a perceptual hash."""
+
+    def __init__(self, cfg: CurationConfig) -> None:
+        self.cfg = cfg
+        self.fetcher = Fetcher()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return to_batch([self.inspect(item) for item in rows_of(batch)], INSPECT_COLUMNS)
+
+    def inspect(self, item: dict) -> dict:
+        row = {"source_uri": item["source_uri"], "fingerprint": item["fingerprint"], "task": item["task"],
+               "status": "ok", "reason": None, "detail": None}
+        try:
+            loaded = load_item(self.fetcher, item, self.cfg)
+        except MediaError as exc:
+            return {**row, "status": "quarantined", "reason": exc.reason, "detail": exc.detail}
+        main = loaded.visuals[main_slot(item["task"])]
+        stats = ItemStats(main.height, main.width, loaded.is_video, main.duration, _text_chars(loaded.text),
+                          blur_score(main.frames), motion_score(main.frames))
+        row.update(sample_id=loaded.sample_id, height=stats.height, width=stats.width,
+                   num_frames=len(main.frames), duration=stats.duration, caption_chars=stats.caption_chars,
+                   blur_score=stats.blur, motion_score=stats.motion, phash=perceptual_hash(main.frames))
+        reason = filter_reason(stats, self.cfg.filters)
+        if reason:
+            row.update(status="filtered", reason=reason)
+        return row
+
+
+# ---------------------------------------------------------------------------------------- pass 2
+PREPARE_COLUMNS = ["sample_id", "task", "source_uri", "status", "reason", "detail", *TEXT_FIELDS, "height",
+                   "width", "num_frames", "fps", "bucket", "blur_score", "motion_score",
+                   *[f"{s}_{c}_in" for s in SLOTS for c in ("vae", "vit")]]
+
+
+class PrepareStage:
+    """Kept items -> bucketed, resized VAE / ViT copies of every slot plus the text fields."""
+
+    def __init__(self, cfg: CurationConfig, vae_stride: int, vit_stride: int) -> None:
+        self.cfg = cfg
+        self.vae_stride = vae_stride
+        self.vit_stride = vit_stride
+        self.fetcher = Fetcher()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return to_batch([self.prepare(item) for item in rows_of(batch)], PREPARE_COLUMNS)
+
+    def copies(self, decoded: Decoded, is_video: bool, vae: bool, vit: bool) -> tuple[str, np.ndarray, np.ndarray]:
+        b = self.cfg.buckets
+        bucket = choose_bucket(decoded.height, decoded.width, b.names)
+        out = []
+        for wanted, area, stride in ((vae and self.cfg.encode.vae, b.vae_video_area if is_video else b.vae_image_area,
+                                      self.vae_stride),
+                                     (vit and self.cfg.encode.vit, b.vit_video_area if is_video else b.vit_image_area,
+                                      self.vit_stride)):
+            out.append(resize_crop(decoded.frames, *bucket_size(bucket, area, stride)) if wanted else EMPTY_FRAMES)
+        return bucket, out[0], out[1]
+
+    def prepare(self, item: dict) -> dict:
+        task = item["task"]
+        row = {"sample_id": item["sample_id"], "task": task, "source_uri": item["source_uri"], "status": "ok",
+               **{f"{s}_{c}_in": EMPTY_FRAMES for s in SLOTS for c in ("vae", "vit")}}
+        try:
+            loaded = load_item(self.fetcher, item, self.cfg)
+        except MediaError as exc:  # the item changed between the two passes
+            return {**row, "status": "quarantined", "reason": exc.reason, "detail": exc.detail}
+        if loaded.sample_id != item["sample_id"]:
+            return {**row, "status": "quarantined", "reason": "changed_during_run",
+                    "detail": f"content hash {loaded.sample_id} != {item['sample_id']} from the inspect pass"}
+        row.update(loaded.text)
+        for slot, decoded in loaded.visuals.items():
+            bucket, vae_in, vit_in = self.copies(decoded, loaded.is_video, *slot_copies(task, slot))
+            row[f"{slot}_vae_in"], row[f"{slot}_vit_in"] = vae_in, vit_in
+            if slot == main_slot(task):
+                shown = vae_in if vae_in.size else vit_in
+                row.update(bucket=bucket, height=shown.shape[1], width=shown.shape[2], num_frames=len(decoded.frames),
+                           fps=decoded.fps, blur_score=blur_score(decoded.frames),
+                           motion_score=motion_score(decoded.frames))
+        return row
+
+
+def shape_groups(column: np.ndarray) -> dict[tuple, list[int]]:
+    """Row indices of the non-empty arrays of `column`, grouped by shape (one bucket + frame count)."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, arr in enumerate(column):
+        if arr is not None and arr.size:
+            groups[tuple(arr.shape)].append(i)
+    return dict(groups)
+
+
+def _device(num_gpus: float) -> torch.device:
+    return torch.device("cuda") if num_gpus and torch.cuda.is_available() else torch.device("cpu")
+
+
+def _object_column(n: int) -> np.ndarray:
+    return np.full(n, None, dtype=object)
+
+
+class VaeStage:
+    """`<slot>_vae_in` -> `<slot>_vae_latent` (bf16 posterior mean, normalised as the model trains on
+    it, stored [t, h, w, c]) + `<slot>_vae_shape` (+ `<slot>_vae_logvar` when asked)."""
+
+    def __init__(self, ref: ModelRef, store_logvar: bool = False, num_gpus: float = 0, torch_threads: int = 1):
+        from data_curation.encoders import build_vae_encoder, model_config
+
+        torch.set_num_threads(torch_threads)
+        self.device = _device(num_gpus)
+        self.vae = build_vae_encoder(model_config(ref)).to(self.device)
+        if store_logvar and not hasattr(self.vae, "model"):
+            raise ValueError("encode.store_logvar=true needs a VAE with a posterior (wan2.2); "
+                             f"this model's VAE ({type(self.vae).__name__}) is deterministic")
+        self.store_logvar = store_logvar
+        params = list(self.vae.parameters())
+        self.dtype = params[0].dtype if params else torch.float32
+
+    @torch.no_grad()
+    def encode(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stacked uint8 [B, F, H, W, 3] -> latents [B, C, F', H', W'] (and normalised log-variances)."""
+        x = torch.from_numpy(frames).to(self.device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+        latents = self.vae.encode(x)
+        if not self.store_logvar:
+            return latents, None
+        logvar = self.vae.model.encode(x.to(self.dtype)).latent_dist.logvar.float()
+        return latents, logvar + 2.0 * torch.log(self.vae.latents_inv_std)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for slot in SLOTS:
+            column = batch.pop(f"{slot}_vae_in")
+            latent, shape, logvar = (_object_column(len(column)) for _ in range(3))
+            for idx in shape_groups(column).values():
+                lat, lv = self.encode(np.stack([column[i] for i in idx]))
+                for j, i in enumerate(idx):
+                    t = lat[j].permute(1, 2, 3, 0)  # [C, T, H, W] -> stored [t, h, w, c]
+                    latent[i], shape[i] = tensor_to_bytes(t), pack_ints(t.shape)
+                    if lv is not None:
+                        logvar[i] = tensor_to_bytes(lv[j].permute(1, 2, 3, 0))
+            batch[f"{slot}_vae_latent"], batch[f"{slot}_vae_shape"] = latent, shape
+            batch[f"{slot}_vae_logvar"] = logvar
+        return batch
+
+
+class VitStage:
+    """`<slot>_vit_in` -> `<slot>_vit_tokens` (bf16 merged tokens [n, d]) + `_vit_shape` + `_vit_grid`
+    (the tower's patch grid t, h, w)."""
+
+    def __init__(self, ref: ModelRef, num_gpus: float = 0, torch_threads: int = 1):
+        from data_curation.encoders import build_vit_encoder, model_config
+
+        torch.set_num_threads(torch_threads)
+        self.device = _device(num_gpus)
+        cfg = model_config(ref)
+        self.cfg = cfg.vit
+        self.vit = build_vit_encoder(ref, cfg).to(self.device)
+        if self.device.type == "cuda":
+            self.vit = self.vit.to(torch.bfloat16)
+
+    def encode(self, frames: np.ndarray) -> tuple[list[torch.Tensor], list[list[int]]]:
+        """Stacked uint8 [B, F, H, W, 3] -> B token tensors [n, d] and their grids."""
+        from lance_model.encoders.vit import encode_vit, vit_patches
+
+        patches, grids = zip(*(vit_patches(torch.from_numpy(f).permute(0, 3, 1, 2).float() / 255.0, self.cfg)
+                               for f in frames))
+        tokens = encode_vit(self.vit, torch.cat(patches), torch.stack(grids))
+        merge = self.cfg.spatial_merge_size ** 2
+        counts = [int(g.prod()) // merge for g in grids]
+        return list(tokens.float().cpu().split(counts)), [g.tolist() for g in grids]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for slot in SLOTS:
+            column = batch.pop(f"{slot}_vit_in")
+            tokens, shape, grid = (_object_column(len(column)) for _ in range(3))
+            for idx in shape_groups(column).values():
+                toks, grids = self.encode(np.stack([column[i] for i in idx]))
+                for j, i in enumerate(idx):
+                    tokens[i], shape[i], grid[i] = tensor_to_bytes(toks[j]), pack_ints(toks[j].shape), pack_ints(grids[j])
+            batch[f"{slot}_vit_tokens"], batch[f"{slot}_vit_shape"], batch[f"{slot}_vit_grid"] = tokens, shape, grid
+        return batch
+
+
+class TokenizeStage:
+    """caption / question / answer -> `<field>_ids` with the model's tokenizer."""
+
+    def __init__(self, tokenizer_spec: str) -> None:
+        from lance_model.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(tokenizer_spec)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name in TEXT_FIELDS:
+            ids = _object_column(len(batch[name]))
+            for i, text in enumerate(batch[name]):
+                if isinstance(text, str):
+                    ids[i] = pack_ints(self.tokenizer.encode(text))
+            batch[f"{name}_ids"] = ids
+        return batch

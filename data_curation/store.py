@@ -1,0 +1,203 @@
+"""The curated dataset on disk: shards, ledger, quarantine tables, reports and the manifest.
+
+```
+<dir>/manifest.json                       the commit point: shards, ledger parts, runs
+<dir>/shards/run-RRRRR-SSSSS.parquet      curated rows (schema.write_shard, atomic per shard)
+<dir>/ledger/run-RRRRR.parquet            every source item a run processed and its outcome
+<dir>/quarantine/run-RRRRR.parquet        rejected items: stage, reason, detail
+<dir>/reports/run-RRRRR/                  stats.json + PNG plots
+```
+
+A run writes its files first and then replaces `manifest.json` atomically; only files the manifest
+names exist as far as readers and later refreshes are concerned. A run that crashed before its
+commit left files the manifest does not name; `remove_uncommitted` deletes them at the start of the
+next run, which then redoes that work. Hence a crash followed by a re-run gives exactly the rows of
+an uninterrupted run: nothing duplicated, nothing lost. The ledger is append-only (one part per
+run), so committing a refresh costs only its own items.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from data_curation.dedup import Candidate
+from data_curation.schema import SCHEMA_VERSION, write_shard
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANAGED_DIRS = ("shards", "ledger", "quarantine", "reports")
+LEDGER_SCHEMA = pa.schema([("source_uri", pa.string()), ("fingerprint", pa.string()), ("task", pa.string()),
+                           ("sample_id", pa.string()), ("phash", pa.int64()), ("outcome", pa.string()),
+                           ("run", pa.int32())])
+QUARANTINE_SCHEMA = pa.schema([("source_uri", pa.string()), ("task", pa.string()), ("sample_id", pa.string()),
+                               ("stage", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
+
+
+class DatasetMismatchError(ValueError):
+    """An existing curated dataset cannot take this run's rows (other encoders, or curate over it)."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_table_atomic(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+@dataclass
+class Manifest:
+    encoder: dict | None = None
+    shards: list[dict] = field(default_factory=list)
+    ledger: list[str] = field(default_factory=list)
+    runs: list[dict] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def total_rows(self) -> int:
+        return sum(s["rows"] for s in self.shards)
+
+    def to_dict(self) -> dict:
+        return {"schema_version": self.schema_version, "encoder": self.encoder, "total_rows": self.total_rows,
+                "shards": self.shards, "ledger": self.ledger, "runs": self.runs}
+
+    def referenced(self) -> set[str]:
+        paths = {s["path"] for s in self.shards} | set(self.ledger)
+        for run in self.runs:
+            paths |= {run[k] for k in ("quarantine", "report") if run.get(k)}
+        return paths
+
+
+class CuratedDataset:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.manifest_path = self.root / MANIFEST
+
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def load_manifest(self) -> Manifest:
+        if not self.exists():
+            return Manifest()
+        data = json.loads(self.manifest_path.read_text())
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise DatasetMismatchError(f"{self.manifest_path}: schema version {data.get('schema_version')} is not "
+                                       f"supported by this curation (version {SCHEMA_VERSION})")
+        return Manifest(data["encoder"], data["shards"], data["ledger"], data["runs"])
+
+    def remove_uncommitted(self, manifest: Manifest) -> list[Path]:
+        """Delete what a crashed run left behind (files and report dirs the manifest does not name)."""
+        keep = manifest.referenced()
+        removed = []
+        for sub in MANAGED_DIRS:
+            base = self.root / sub
+            if not base.is_dir():
+                continue
+            for path in sorted(base.iterdir()):
+                if str(path.relative_to(self.root)) not in keep:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+                    removed.append(path)
+        if removed:
+            log.warning("removed %d uncommitted file(s) of an interrupted run under %s", len(removed), self.root)
+        return removed
+
+    # ------------------------------------------------------------------ ledger
+    def read_ledger(self, manifest: Manifest) -> pa.Table:
+        parts = [pq.read_table(self.root / p) for p in manifest.ledger]
+        return pa.concat_tables(parts) if parts else LEDGER_SCHEMA.empty_table()
+
+    @staticmethod
+    def seen_keys(ledger: pa.Table) -> set[tuple[str, str]]:
+        return set(zip(ledger["source_uri"].to_pylist(), ledger["fingerprint"].to_pylist()))
+
+    @staticmethod
+    def curated_candidates(ledger: pa.Table) -> list[Candidate]:
+        rows = ledger.filter(pc.equal(ledger["outcome"], "curated")).to_pylist()
+        return [Candidate(r["source_uri"], r["sample_id"], r["task"], r["phash"]) for r in rows]
+
+    # ------------------------------------------------------------------ commit
+    def commit(self, manifest: Manifest, run: dict, shards: list[dict], ledger_rows: list[dict],
+               quarantine_rows: list[dict], report_dir: str | None, encoder: dict) -> Manifest:
+        """Write the run's ledger part and quarantine table, then replace the manifest (the commit)."""
+        tag = f"run-{run['run']:05d}"
+        ledger_path = f"ledger/{tag}.parquet"
+        write_table_atomic(pa.Table.from_pylist(ledger_rows, schema=LEDGER_SCHEMA), self.root / ledger_path)
+        quarantine_path = f"quarantine/{tag}.parquet"
+        write_table_atomic(pa.Table.from_pylist(quarantine_rows, schema=QUARANTINE_SCHEMA),
+                           self.root / quarantine_path)
+        run = {**run, "quarantine": quarantine_path, "report": report_dir, "committed": time.time()}
+        new = Manifest(encoder, manifest.shards + shards, manifest.ledger + [ledger_path], manifest.runs + [run])
+        write_json_atomic(new.to_dict(), self.manifest_path)
+        return new
+
+
+class ShardWriter:
+    """Buffers rows and writes a shard (atomically) whenever the buffer reaches `target_bytes`."""
+
+    def __init__(self, dataset: CuratedDataset, run: int, target_bytes: int, encoder: dict,
+                 on_shard: Callable[[dict], None] | None = None) -> None:
+        self.dataset = dataset
+        self.run = run
+        self.target_bytes = target_bytes
+        self.encoder = encoder
+        self.on_shard = on_shard
+        self.shards: list[dict] = []
+        self._rows: list[dict] = []
+        self._bytes = 0
+
+    @staticmethod
+    def row_bytes(row: dict) -> int:
+        size = 0
+        for v in row.values():
+            if isinstance(v, (bytes, str)):
+                size += len(v)
+            elif isinstance(v, list):
+                size += 4 * len(v)
+            else:
+                size += 8
+        return size
+
+    def add(self, row: dict) -> None:
+        self._rows.append(row)
+        self._bytes += self.row_bytes(row)
+        if self._bytes >= self.target_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._rows:
+            return
+        rel = f"shards/run-{self.run:05d}-{len(self.shards):05d}.parquet"
+        path = write_shard(self._rows, self.dataset.root / rel, encoder=self.encoder)
+        entry = {"path": rel, "rows": len(self._rows), "bytes": path.stat().st_size, "sha256": sha256_file(path),
+                 "run": self.run}
+        self.shards.append(entry)
+        self._rows, self._bytes = [], 0
+        if self.on_shard is not None:
+            self.on_shard(entry)

@@ -1,0 +1,35 @@
+"""Curation fixtures: one local Ray (2 CPUs) shared by every test here, and curation configs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from data_curation.config import CurationConfig
+from lance_model.configio import load_config
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "curation" / "synthetic.yaml"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def folder_config():
+    return make_folder_config
+
+
+def make_folder_config(corpus: Path, out: Path, *overrides: str) -> CurationConfig:
+    """synthetic.yaml's encoders and buckets over a folder corpus, writing to `out`, without MLflow."""
+    source = f"sources=[{{kind: folder, name: folder, uri: '{corpus}', captions: captions.jsonl}}]"
+    return load_config(CurationConfig, CONFIG, [source, f"output.dir={out}", "tracking.enabled=false",
+                                                "num_cpus=2", *overrides])
