@@ -109,9 +109,9 @@ class SdpaAttention(AttentionBackend):
 
     def attend(self, q, k, v, state):
         if q.is_cuda and k.shape[1] != q.shape[1]:
-            # SDPA's fused kernels that take a mask (memory-efficient) have no GQA path: with
-            # `enable_gqa` a masked call falls back to the math kernel, which materialises the
-            # [H, L, L] scores. Repeating the KV heads is the same math and keeps the fused kernel.
+            # A masked SDPA call with `enable_gqa` can fall back to the math kernel, which
+            # materialises the [H, L, L] scores (reported upstream, e.g. ComfyUI PR #15135).
+            # Repeating the KV heads is the same math and keeps the memory-efficient kernel.
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
@@ -132,9 +132,11 @@ class FlexAttention(AttentionBackend):
 
     name = "flex"
 
-    def __init__(self, block_size: int = 128, compile: bool | None = None) -> None:
+    def __init__(self, block_size: int = 128, compile: bool | None = None,
+                 kernel_options: dict | None = None) -> None:
         self.block_size = block_size
         self.compile = compile
+        self.kernel_options = kernel_options  # flex_attention's Triton options (tuning), None = defaults
 
     def prepare(self, layout: MaskLayout):
         from torch.nn.attention.flex_attention import create_block_mask
@@ -154,7 +156,7 @@ class FlexAttention(AttentionBackend):
         # Inside a compiled region (e.g. `compile_layers`) dynamo traces flex_attention itself.
         fn = _compiled_flex() if use_compile and not torch.compiler.is_compiling() else flex_attention
         out = fn(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                 block_mask=state, enable_gqa=True)
+                 block_mask=state, enable_gqa=True, kernel_options=self.kernel_options)
         return out[0].transpose(0, 1)
 
 
@@ -213,14 +215,20 @@ def plan_varlen(layout: MaskLayout) -> VarlenPlan:
 class FlashVarlenAttention(AttentionBackend):
     """flash-attn varlen over the split-wise decomposition (`plan_varlen`).
 
-    `varlen_fn` defaults to `flash_attn.flash_attn_varlen_func`; tests pass a reference with the
-    same signature (q, k, v, cu_q, cu_k, max_q, max_k, causal=...) to check the decomposition."""
+    `varlen_fn` defaults to `flash_attn.flash_attn_varlen_func` when the flash-attn package is
+    installed, else to `torch_flash_varlen` (PyTorch's bundled FlashAttention-2 kernels, CUDA only);
+    tests pass a reference with the same signature (q, k, v, cu_q, cu_k, max_q, max_k, causal=...)
+    to check the decomposition. On the H100 the split-wise problems cost only the visible pairs and
+    ran a lance-3b train step ~6% faster than FlexAttention (benchmarks/BENCHMARKS.md)."""
 
     name = "flash"
 
     def __init__(self, varlen_fn: VarlenFn | None = None) -> None:
         if varlen_fn is None:
-            from flash_attn import flash_attn_varlen_func as varlen_fn  # type: ignore[no-redef]
+            try:
+                from flash_attn import flash_attn_varlen_func as varlen_fn  # type: ignore[no-redef]
+            except ImportError:
+                varlen_fn = torch_flash_varlen
         self.varlen_fn = varlen_fn
 
     def prepare(self, layout: MaskLayout) -> VarlenPlan:
@@ -234,6 +242,14 @@ class FlashVarlenAttention(AttentionBackend):
         return out
 
 
+def torch_flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                       max_q: int, max_k: int, causal: bool = False) -> torch.Tensor:
+    """`flash_attn_varlen_func`-compatible call on PyTorch's bundled FlashAttention-2 kernels
+    (CUDA, fp16/bf16, differentiable; GQA native; a causal mask is aligned bottom-right, as in
+    flash-attn >= 2.1, which the split-wise plan relies on)."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False)[0]
+
+
 def flash_available() -> bool:
     try:
         import flash_attn  # noqa: F401
@@ -243,17 +259,19 @@ def flash_available() -> bool:
 
 
 def make_backend(name: str, device: torch.device | str) -> AttentionBackend:
-    """`auto`: FlexAttention on CUDA, dense SDPA on CPU. `flash` needs flash-attn installed."""
+    """`auto`: flash varlen on CUDA (the fastest measured, benchmarks/BENCHMARKS.md), dense SDPA on
+    CPU. `flash` needs a CUDA GPU: it runs the flash-attn package when installed, else PyTorch's
+    bundled FlashAttention-2 kernels."""
     device = torch.device(device)
     if name == "auto":
-        name = "flex" if device.type == "cuda" else "sdpa"
+        name = "flash" if device.type == "cuda" else "sdpa"
     if name == "sdpa":
         return SdpaAttention()
     if name == "flex":
         return FlexAttention()
     if name == "flash":
-        if not flash_available():
-            raise RuntimeError("attention_backend='flash' needs the flash-attn package and a CUDA GPU "
-                               "(pip install 'lance-pipelines[gpu]')")
+        if device.type != "cuda":
+            raise RuntimeError("attention_backend='flash' needs a CUDA GPU (it runs flash-attn when installed: "
+                               "pip install 'lance-pipelines[gpu]'; else PyTorch's bundled flash kernels)")
         return FlashVarlenAttention()
     raise ValueError(f"attention_backend={name!r}: expected one of auto, sdpa, flex, flash")

@@ -87,6 +87,7 @@ class MoTDecoderLayer(nn.Module):
         self.self_attn = MoTAttention(cfg)
         self.mlp = SwiGLU(h, cfg.intermediate_size)
         self.mlp_moe_gen = SwiGLU(h, cfg.intermediate_size)
+        self.compile_options: dict | None = None  # set by `compile_layers`: run qkv/finish compiled
 
     def qkv(self, x_und: torch.Tensor, x_gen: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Normalised, projected, rotated q/k/v of both streams, concatenated [und; gen]."""
@@ -108,8 +109,25 @@ class MoTDecoderLayer(nn.Module):
 
     def forward(self, x_und: torch.Tensor, x_gen: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]):
+        if self.compile_options is not None:
+            qkv, finish = _compiled_parts(self.compile_options)
+            q, k, v = qkv(self, x_und, x_gen, cos, sin)
+            return finish(self, x_und, x_gen, attend(q, k, v))
         q, k, v = self.qkv(x_und, x_gen, cos, sin)
         return self.finish(x_und, x_gen, attend(q, k, v))
+
+
+_COMPILED_PARTS: dict[str, tuple[Callable, Callable]] = {}
+
+
+def _compiled_parts(options: dict) -> tuple[Callable, Callable]:
+    """`torch.compile`d `MoTDecoderLayer.qkv` / `.finish` (unbound; the layer is an argument, its
+    parameters graph inputs), one pair per set of compile options, shared by every layer."""
+    key = repr(sorted(options.items()))
+    if key not in _COMPILED_PARTS:
+        _COMPILED_PARTS[key] = (torch.compile(MoTDecoderLayer.qkv, **options),
+                                torch.compile(MoTDecoderLayer.finish, **options))
+    return _COMPILED_PARTS[key]
 
 
 class MoTDecoder(nn.Module):
@@ -141,11 +159,16 @@ class LanceLanguageModel(nn.Module):
 
 
 def compile_layers(module: nn.Module, **compile_kwargs) -> nn.Module:
-    """`torch.compile` every `MoTDecoderLayer` inside `module`, in place (`nn.Module.compile`), so
-    parameter names and `state_dict()` keys are unchanged. All layers share one compiled graph
-    (same code, parameters are graph inputs). The attention callable is traced with the layer:
-    FlexAttention then runs inside the layer's graph. Returns `module`."""
+    """Run every `MoTDecoderLayer` inside `module` through `torch.compile`d code, in place.
+
+    The two halves around the attention (`qkv`: per-expert norm, q/k/v projections, q/k norm,
+    rotary; `finish`: o-proj, residuals, post-norm, MLP) are compiled, once for all layers; the
+    `attend` callable runs between them uncompiled, so any backend (FlexAttention, which compiles
+    its own kernel; SDPA; flash varlen; a KV cache keyed by layer index) works without a recompile
+    per layer or per batch. Only a plain attribute is set: parameter names, `state_dict()` keys and
+    deep copies are unchanged. `compile_kwargs` go to `torch.compile` (e.g. `options`, `dynamic`).
+    Returns `module`."""
     for m in module.modules():
         if isinstance(m, MoTDecoderLayer):
-            m.compile(**compile_kwargs)
+            m.compile_options = dict(compile_kwargs)
     return module
