@@ -241,21 +241,26 @@ def _token_ids(config: LanceConfig) -> dict[str, int]:
 def save_pretrained(model: Lance, directory: str | Path, filename: str = "model.safetensors",
                     state: dict[str, torch.Tensor] | None = None) -> Path:
     """Atomic write of weights + configs. `state` overrides the weights (e.g. an EMA copy)."""
+    return save_state(model.config, model.state_dict() if state is None else state, directory, filename)
+
+
+def save_state(config: LanceConfig, state: dict[str, torch.Tensor], directory: str | Path,
+               filename: str = "model.safetensors") -> Path:
+    """Write a full (unsharded) state dict of a model with `config` in the official layout."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict() if state is None else state
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if k != POS_EMBED_KEY}
-    if model.config.text.tie_word_embeddings and EMBED_KEY in tensors:
+    if config.text.tie_word_embeddings and EMBED_KEY in tensors:
         # The official layout always has its own lm_head; safetensors refuses shared storage.
         tensors[LM_HEAD_KEY] = tensors[EMBED_KEY].clone()
     path = directory / filename
     tmp = directory / (filename + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt", "layout": "lance-official"})
     tmp.replace(path)
-    model.config.save(directory)
+    config.save(directory)
     llm = directory / OFFICIAL_LLM_CONFIG_FILE
     llm_tmp = directory / (OFFICIAL_LLM_CONFIG_FILE + ".tmp")
-    llm_tmp.write_text(json.dumps(official_llm_config(model.config), indent=2))
+    llm_tmp.write_text(json.dumps(official_llm_config(config), indent=2))
     llm_tmp.replace(llm)
     return path
 

@@ -128,16 +128,18 @@ class Tracker:
         self._call("log_artifact", fn, self.run_id, str(path), artifact_path)
 
     def log_dict(self, obj: Any, name: str) -> None:
-        """A JSON/YAML artifact from a Python object (e.g. the resolved config)."""
+        """A JSON/YAML artifact from a Python object (e.g. the resolved config); `name` may hold a folder."""
+        plain = json.loads(json.dumps(obj, default=str))  # tuples -> lists, paths -> strings
+        folder = str(Path(name).parent)
         with tempfile.TemporaryDirectory() as tmp:
-            target = Path(tmp) / name
+            target = Path(tmp) / Path(name).name
             if name.endswith((".yaml", ".yml")):
                 import yaml
 
-                target.write_text(yaml.safe_dump(obj, sort_keys=False))
+                target.write_text(yaml.safe_dump(plain, sort_keys=False))
             else:
-                target.write_text(json.dumps(obj, indent=2, default=str))
-            self.log_artifact(target)
+                target.write_text(json.dumps(plain, indent=2))
+            self.log_artifact(target, None if folder == "." else folder)
 
     def log_input(self, name: str, source: str, digest: str, context: str = "training",
                   schema: dict | None = None) -> None:
