@@ -117,16 +117,17 @@ def _deep_copy(d: Any) -> Any:
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
-                base: dict[str, Any] | None = None) -> T:
-    """YAML file (optional) over `base` defaults, then overrides, then `validate()` if defined."""
+                base: dict[str, Any] | None = None, validate: bool = True) -> T:
+    """YAML file (optional) over `base` defaults, then overrides, then `validate()` if defined
+    (unless `validate=False`, for callers that validate with arguments of their own)."""
     data = _deep_copy(base or {})
     if path is not None:
         data = _merge(data, load_yaml(path))
     data = apply_overrides(data, overrides or [])
     cfg = from_dict(cls, data)
-    validate = getattr(cfg, "validate", None)
-    if callable(validate):
-        validate()
+    check = getattr(cfg, "validate", None)
+    if validate and callable(check):
+        check()
     return cfg
 
 

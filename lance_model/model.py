@@ -170,20 +170,15 @@ class Lance(nn.Module):
         x_und, x_gen = self.embed(batch, x_t, token_t)
         h_und, h_gen = self.backbone(batch, x_und, x_gen)
 
+        # Both heads run even on empty selections, so every trainable parameter gets a gradient
+        # (zeros when unused): data-parallel ranks then reduce the same set of gradients.
         n_ce = int(batch.ce_index.numel())
         n_mse = int(noisy.sum())
-        zero = h_und.new_zeros((), dtype=torch.float32)
-        if n_ce:
-            logits = self.language_model.lm_head(h_und[batch.ce_index]).float()
-            ce = F.cross_entropy(logits, batch.ce_labels, reduction="sum") / max(ce_count or n_ce, 1)
-        else:
-            ce = zero + 0.0 * h_und.sum()
-        if n_mse:
-            pred = self.llm2vae(h_gen[noisy]).float()
-            target = noise[noisy] - x0[noisy]
-            mse = (pred - target).pow(2).mean(-1).sum() / max(mse_count or n_mse, 1)
-        else:
-            mse = zero + 0.0 * h_gen.sum()
+        logits = self.language_model.lm_head(h_und[batch.ce_index]).float()
+        ce = F.cross_entropy(logits, batch.ce_labels, reduction="sum") / max(ce_count or n_ce, 1)
+        pred = self.llm2vae(h_gen[noisy]).float()
+        target = noise[noisy] - x0[noisy]
+        mse = (pred - target).pow(2).mean(-1).sum() / max(mse_count or n_mse, 1)
         loss = self.config.ce_weight * ce + self.config.mse_weight * mse
         return LanceLoss(loss, ce.detach(), mse.detach(), n_ce, n_mse)
 

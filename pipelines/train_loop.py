@@ -1,0 +1,316 @@
+"""The per-worker training loop of a stage (run by Ray Train's `TorchTrainer` on every worker).
+
+One step: pack -> global token counts -> loss -> (skip on NaN/Inf, on all ranks together) ->
+backward -> clip -> AdamW -> LR schedule -> EMA. Randomness (mixture draws, CFG dropout, flow
+timesteps and noise) is derived from (seed, step, rank), and the data position of every worker is
+checkpointed, so a stage that fails and resumes from its last checkpoint reproduces the run that
+did not fail.
+
+Checkpoints (every `checkpoint_every` steps and at the end) hold: `model.safetensors` and
+`ema.safetensors` in the official key layout with `lance_config.json`/`llm_config.json` (so the
+directory loads with `Lance.from_pretrained` and in the official code), the optimizer state as a
+PyTorch distributed checkpoint (`optim/`), the scheduler/step state, and each worker's data state.
+Rank 0 alone writes to MLflow, reopening the stage's run by id after a restart.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_curation.schema import read_shard, shard_schema, write_shard
+from lance_model import Lance, LanceConfig
+from lance_model.backbone import compile_layers
+from lance_model.checkpoint import init_from_qwen25vl, load_pretrained, read_tensors, save_state
+from lance_model.configio import from_dict
+from lance_model.sequence import SequenceBuilder
+from lance_model.tokenizer import load_tokenizer
+
+from . import parallel
+from .batching import GroupStreams, Packer
+from .config import StageConfig
+
+log = logging.getLogger(__name__)
+WRAPPER_PREFIX = "_checkpoint_wrapped_module."
+SHARD_COLUMNS = set(shard_schema().names)
+
+
+# ---------------------------------------------------------------------------------------- model
+def build_model(stage: StageConfig, init_path: str | None) -> Lance:
+    """The stage's starting weights, identical on every rank (built before sharding)."""
+    overrides = dict(stage.model.overrides)
+    kind = stage.init.kind
+    if kind == "preset":
+        config = LanceConfig.from_preset(stage.model.preset, **overrides)
+        torch.manual_seed(stage.seed)
+        model = Lance(config)
+        model.init_weights(generator=torch.Generator().manual_seed(stage.seed))
+        return model
+    if kind == "qwen25vl":
+        return init_from_qwen25vl(init_path or stage.init.path)
+    model = load_pretrained(init_path or stage.init.path, weights=stage.init.weights)
+    for key, value in overrides.items():
+        setattr(model.config, key, value)
+    model.config.validate()
+    model.apply_freeze()
+    return model
+
+
+def lr_factor(step: int, stage: StageConfig) -> float:
+    o = stage.optim
+    if o.warmup_steps and step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return 1.0
+    span = max(stage.steps - o.warmup_steps, 1)
+    progress = min(max(step - o.warmup_steps, 0) / span, 1.0)
+    floor = o.min_lr / o.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def clean_key(key: str) -> str:
+    return key.replace(WRAPPER_PREFIX, "")
+
+
+class Ema:
+    """Exponential moving average of the trainable parameters (sharded like them under FSDP)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {clean_key(n): p.detach().clone().float() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                self.shadow[clean_key(n)].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        return {n: parallel.full_tensor(t).cpu() for n, t in self.shadow.items()}
+
+    def load_full(self, full: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        for n, t in self.shadow.items():
+            src = full[n].to(device=t.device, dtype=t.dtype)
+            if isinstance(t, DTensor):
+                src = distribute_tensor(src, t.device_mesh, t.placements)
+            t.copy_(src)
+
+
+# ---------------------------------------------------------------------------------------- state
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if parallel.world()[1] > 1:
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {clean_key(k): v for k, v in sd.items()}
+
+
+def save_checkpoint(directory: Path, step: int, model: Lance, config: LanceConfig, optimizer, scheduler,
+                    ema: Ema | None, packer: Packer, rank: int) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    full = full_model_state(model)
+    ema_full = ema.full_state() if ema is not None else None
+    dcp.save({"optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(directory / "optim"))
+    save_data_state(directory, rank, packer.state_dict())
+    if rank == 0:
+        save_state(config, full, directory, "model.safetensors")
+        if ema_full is not None:
+            save_state(config, {**full, **ema_full}, directory, "ema.safetensors")
+        (directory / "trainer_state.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict()}))
+
+
+def restore_checkpoint(directory: Path, model: Lance, optimizer, scheduler, ema: Ema | None, packer: Packer,
+                       rank: int) -> int:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    full = read_tensors(directory / "model.safetensors")
+    if parallel.world()[1] > 1:
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        model.load_state_dict(full, strict=False)
+    osd = get_optimizer_state_dict(model, optimizer)
+    holder = {"optim": osd}
+    dcp.load(holder, checkpoint_id=str(directory / "optim"))
+    set_optimizer_state_dict(model, optimizer, holder["optim"])
+    if ema is not None:
+        ema.load_full(read_tensors(directory / "ema.safetensors"))
+    packer.load_state_dict(load_data_state(directory, rank))
+    state = json.loads((directory / "trainer_state.json").read_text())
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"]) + 1
+
+
+def save_data_state(directory: Path, rank: int, state: dict) -> None:
+    """Scalars as JSON; rows queued but not yet trained on as shard-schema Parquet files."""
+    queues = state["streams"]["queues"]
+    files = {}
+    for i, (group, rows) in enumerate(queues.items()):
+        if rows:
+            name = f"data_rank{rank}_queue{i}.parquet"
+            write_shard([{k: v for k, v in r.items() if k in SHARD_COLUMNS} for r in rows], directory / name)
+            files[group] = name
+    meta = {**state, "streams": {**state["streams"], "queues": files}}
+    (directory / f"data_state_rank{rank}.json").write_text(json.dumps(meta))
+
+
+def load_data_state(directory: Path, rank: int) -> dict:
+    meta = json.loads((directory / f"data_state_rank{rank}.json").read_text())
+    queues = {g: read_shard(directory / name).to_pylist() for g, name in meta["streams"]["queues"].items()}
+    meta["streams"]["queues"] = queues
+    return meta
+
+
+# ---------------------------------------------------------------------------------------- validation
+@torch.no_grad()
+def validate(model: Lance, packer: Packer, rows: list[dict], device: torch.device, seed: int) -> dict[str, float]:
+    """Held-out loss per task: every rank runs the same number of forwards (FSDP collectives),
+    each on its own stride of the held-out rows; sums are reduced over ranks."""
+    rank, world = parallel.world()
+    tasks = sorted({r["task"] for r in rows})
+    per_rank = math.ceil(len(rows) / world) if rows else 0
+    sums = {t: [0.0, 0.0] for t in tasks}
+    model.eval()
+    for j in range(per_rank):
+        i = j * world + rank
+        row = rows[min(i, len(rows) - 1)]
+        weight = 1.0 if i < len(rows) else 0.0
+        sample = packer.builder.render(_sample(row))
+        from lance_model.packing import pack_rendered
+
+        batch = pack_rendered([sample], packer.config).to(device)
+        out = model(batch, generator=torch.Generator(device=device).manual_seed(seed + i))
+        sums[row["task"]][0] += weight * float(out.loss)
+        sums[row["task"]][1] += weight
+    model.train()
+    flat = [v for t in tasks for v in sums[t]]
+    reduced = parallel.all_reduce_sum(flat, device)
+    return {f"val_loss/{t}": reduced[2 * k] / max(reduced[2 * k + 1], 1.0) for k, t in enumerate(tasks)}
+
+
+def _sample(row: dict):
+    from data_curation.schema import row_to_sample
+
+    return row_to_sample(row)
+
+
+# ---------------------------------------------------------------------------------------- loop
+def train_loop(config: dict[str, Any]) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    stage: StageConfig = from_dict(StageConfig, config["stage"])
+    rank, world = parallel.world()
+    use_gpu = stage.scaling.use_gpu and torch.cuda.is_available()
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+
+    model = build_model(stage, config.get("init_path"))
+    model_config = model.config
+    model.to(device)
+    if stage.model.compile:
+        compile_layers(model)
+    if stage.model.activation_checkpointing:
+        parallel.apply_activation_checkpointing(model)
+    if parallel.distributed() and (world > 1 or use_gpu):
+        # FSDP2 also on a single GPU: fp32 master weights with bf16 compute
+        parallel.apply_fsdp(model, device, bf16=use_gpu)
+
+    builder = SequenceBuilder(load_tokenizer(model_config.tokenizer),
+                              model_config.vit.spatial_merge_size if model_config.vit else 2)
+    shard = ray.train.get_dataset_shard("train")
+    streams = GroupStreams(shard.iter_rows, {n: g.tasks for n, g in stage.mixture.groups.items()}, rank, world,
+                           holdout=stage.data.holdout_per_group)
+    holdout_rows = streams.holdout_rows()
+    packer = Packer(streams, stage.mixture, builder, model_config, stage.data.max_tokens,
+                    stage.data.max_sample_tokens, seed=stage.seed, rank=rank)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    o = stage.optim
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, stage))
+    ema = Ema(model, stage.ema_decay) if stage.ema_decay > 0 else None
+
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            start = restore_checkpoint(Path(d), model, optimizer, scheduler, ema, packer, rank)
+        log.info("rank %d resumed at step %d", rank, start)
+
+    tracker = None
+    if rank == 0 and config.get("tracking_uri") and config.get("run_id"):
+        from .tracking import Tracker
+
+        tracker = Tracker(config["tracking_uri"], config.get("experiment", "lance"))
+        tracker.start(stage.name, run_id=config["run_id"])
+
+    fail_marker = Path(config.get("storage_dir", ".")) / ".fault_injected"
+    model.train()
+    last_metrics: dict[str, float] = {}
+    for step in range(start, stage.steps):
+        t0 = time.perf_counter()
+        if step == stage.fail_once_at_step and rank == 0 and not fail_marker.exists():
+            fail_marker.parent.mkdir(parents=True, exist_ok=True)
+            fail_marker.write_text(str(step))
+            raise RuntimeError(f"injected failure at step {step} (fail_once_at_step)")
+        batch, stats = packer.next_pack(step)
+        batch = batch.to(device)
+        ce_n, mse_n, tokens = parallel.all_reduce_sum(
+            [batch.ce_index.numel(), int(batch.vae_noisy.sum()), batch.num_tokens], device)
+        gen = torch.Generator(device=device).manual_seed((stage.seed * 1_000_003 + step) * 1_009 + rank)
+        out = model(batch, generator=gen, ce_count=int(ce_n), mse_count=int(mse_n))
+        # Each rank's loss is its share of the global mean; FSDP averages gradients over ranks.
+        loss = out.loss * world
+        skipped = not parallel.all_finite(out.loss.detach())
+        if skipped:
+            optimizer.zero_grad(set_to_none=True)
+            log.warning("step %d: non-finite loss on some rank; the step is skipped on all ranks", step)
+            grad_norm = float("nan")
+        else:
+            loss.backward()
+            grad_norm = float(parallel.full_tensor(torch.nn.utils.clip_grad_norm_(params, o.grad_clip)))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(model)
+        scheduler.step()
+        dt = time.perf_counter() - t0
+        loss_sum, ce_sum, mse_sum = parallel.all_reduce_sum(
+            [float(out.loss.detach()), float(out.ce), float(out.mse)], device)
+        last_metrics = {"loss": loss_sum, "ce": ce_sum, "mse": mse_sum, "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": grad_norm, "tokens_per_s": tokens / dt, "step_time_s": dt,
+                        "samples": stats.samples, "skipped_too_long": packer.total.skipped_too_long,
+                        "skipped_step": float(skipped)}
+        if tracker is not None and (step % stage.log_every == 0 or step == stage.steps - 1):
+            tracker.log_metrics(last_metrics, step=step)
+
+        last = step == stage.steps - 1
+        due = last or (stage.validation.every and (step + 1) % stage.validation.every == 0)
+        if holdout_rows and due:
+            val = validate(model, packer, holdout_rows, device, stage.validation.seed)
+            last_metrics.update(val)
+            if tracker is not None:
+                tracker.log_metrics(val, step=step)
+        if last or (stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0):
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(Path(tmp), step, model, model_config, optimizer, scheduler, ema, packer, rank)
+                ray.train.report({**last_metrics, "step": step}, checkpoint=Checkpoint.from_directory(tmp))
+    if tracker is not None:
+        tracker.set_tags({"final_step": str(stage.steps - 1)})

@@ -1,0 +1,107 @@
+"""Staged training on Ray Train (CPU, tiny preset, 2 workers with FSDP2 over gloo)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from lance_model import Lance
+from lance_model.checkpoint import read_tensors
+from lance_model.configio import ConfigError
+from pipelines.config import load_stage_config
+from pipelines.tracking import default_tracking_uri
+from pipelines.trainer import run_pipeline, run_stage
+
+pytestmark = pytest.mark.slow
+
+MIXTURE = "mixture.groups={gen: {tasks: [t2i]}, und: {tasks: [i2t]}, edit: {tasks: [i2i], weight: 0.5}}"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from pipelines.runtime import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def stage(shards, *extra: str):
+    return load_stage_config(None, [
+        f"data.shards={shards}", "steps=8", "checkpoint_every=2", "scaling.num_workers=2",
+        "scaling.cpus_per_worker=0.5", "data.max_tokens=900", "optim.lr=0.003", MIXTURE,
+        "model.overrides={freeze_embeddings: false, freeze_lm_head: false}", "ema_decay=0.9",
+        "data.holdout_per_group=1", *extra])
+
+
+def test_stage_resumes_after_a_worker_failure_to_the_same_weights(ray_local, tmp_path, shard_dir, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    reference = run_stage(stage(shard_dir), tmp_path / "a")
+
+    # The uninterrupted run trained, checkpointed in the official layout and tracked everything.
+    model = Lance.from_pretrained(reference.checkpoint)
+    assert (reference.checkpoint / "ema.safetensors").is_file()
+    client = MlflowClient(default_tracking_uri(tmp_path / "a"))
+    run = client.get_run(reference.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["optim.lr"] == "0.003"
+    losses = [m.value for m in client.get_metric_history(reference.run_id, "loss")]
+    assert len(losses) == 8 and sum(losses[-2:]) < sum(losses[:2])
+    assert {"val_loss/t2i", "val_loss/i2t", "val_loss/i2i", "tokens_per_s", "grad_norm"} <= set(run.data.metrics)
+    assert "stage.yaml" in [a.path.split("/")[-1] for a in client.list_artifacts(reference.run_id, "config")]
+
+    # The same stage with a worker that raises once at step 5 resumes from the step-3 checkpoint.
+    resumed = run_stage(stage(shard_dir, "fail_once_at_step=5"), tmp_path / "b")
+    assert (tmp_path / "b" / "pt" / ".fault_injected").read_text() == "5"
+    a, b = read_tensors(reference.checkpoint / "model.safetensors"), read_tensors(resumed.checkpoint / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    client_b = MlflowClient(default_tracking_uri(tmp_path / "b"))
+    runs = client_b.search_runs([client_b.get_experiment_by_name("lance").experiment_id])
+    assert [r.info.run_id for r in runs] == [resumed.run_id]  # one run, continued after the restart
+    steps = {m.step for m in client_b.get_metric_history(resumed.run_id, "loss")}
+    assert steps == set(range(8))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_pipeline_chains_pt_ct_sft(ray_local, tmp_path, shard_dir, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    stages = []
+    for name, init in (("pt", "preset"), ("ct", "previous"), ("sft", "previous")):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({
+            "name": name, "steps": 2, "init": {"kind": init}, "checkpoint_every": 0,
+            "data": {"max_tokens": 900},
+            "mixture": {"groups": {"gen": {"tasks": ["t2i"]}, "und": {"tasks": ["i2t"]}}},
+            "scaling": {"num_workers": 1, "cpus_per_worker": 0.5}}))
+        stages.append(str(path))
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({"name": "demo", "workdir": str(tmp_path / "work"), "shards": str(shard_dir),
+                                        "stages": stages}))
+    results = run_pipeline(pipeline)
+    assert [r.name for r in results] == ["pt", "ct", "sft"]
+    client = MlflowClient(default_tracking_uri(tmp_path / "work"))
+    runs = client.search_runs([client.get_experiment_by_name("lance").experiment_id])
+    parent = [r for r in runs if r.info.run_name == "demo"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["ct", "pt", "sft"]
+    # each stage started from the previous stage's weights: CT's first step begins from PT's final
+    # weights, so the CT run's init path is PT's checkpoint and its weights moved away from it.
+    pt, ct = (read_tensors(r.checkpoint / "model.safetensors") for r in results[:2])
+    key = "language_model.model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(pt[key], ct[key])
+    assert (pt[key] - ct[key]).abs().max() < 0.1  # a few small steps from PT, not a fresh init
+
+
+def test_bad_config_fails_before_ray_naming_the_field(tmp_path, shard_dir):
+    with pytest.raises(ConfigError, match=r"mixture\.groups\.gen\.tasks"):
+        load_stage_config(None, [f"data.shards={shard_dir}", "mixture.groups={gen: {tasks: [t2x]}}"])
+    with pytest.raises(ConfigError, match=r"mixture\.groups\.\*\.weight"):
+        load_stage_config(None, [f"data.shards={shard_dir}", "mixture.groups={gen: {tasks: [t2i], weight: 0}}"])
+    with pytest.raises(ConfigError, match=r"data\.shards='/nonexistent/shards'"):
+        load_stage_config(None, ["data.shards=/nonexistent/shards"])
+    with pytest.raises(ConfigError, match=r"optim\.lrr"):
+        load_stage_config(None, [f"data.shards={shard_dir}", "optim.lrr=1"])
