@@ -48,24 +48,22 @@ class MaskLayout:
                     storage_perm: torch.Tensor | None = None) -> MaskLayout:
         """Build from `[[(mode, length), ...] per sample]` in rendered order; `storage_perm[i]` is
         the rendered index of the token stored at position i (identity when None)."""
-        sample, split, bidir, noise = [], [], [], []
-        split_id = 0
+        lengths, modes, samples = [], [], []
         for s, splits in enumerate(sample_splits):
             for mode, length in splits:
                 if mode not in MODES:
                     raise ValueError(f"split mode {mode!r}: expected one of {MODES}")
-                sample += [s] * length
-                split += [split_id] * length
-                bidir += [mode != CAUSAL] * length
-                noise += [mode == NOISE] * length
-                split_id += 1
-        order = torch.arange(len(sample)) if storage_perm is None else storage_perm.long()
-        idx = order
-        return cls(sample=torch.tensor(sample, dtype=torch.long)[idx],
-                   split=torch.tensor(split, dtype=torch.long)[idx],
+                lengths.append(length)
+                modes.append(MODES.index(mode))
+                samples.append(s)
+        lengths_t = torch.tensor(lengths, dtype=torch.long)
+        mode_t = torch.repeat_interleave(torch.tensor(modes, dtype=torch.long), lengths_t)
+        order = torch.arange(int(lengths_t.sum())) if storage_perm is None else storage_perm.long()
+        return cls(sample=torch.repeat_interleave(torch.tensor(samples, dtype=torch.long), lengths_t)[order],
+                   split=torch.repeat_interleave(torch.arange(len(lengths)), lengths_t)[order],
                    order=order,
-                   bidirectional=torch.tensor(bidir, dtype=torch.bool)[idx],
-                   noise=torch.tensor(noise, dtype=torch.bool)[idx])
+                   bidirectional=(mode_t != MODES.index(CAUSAL))[order],
+                   noise=(mode_t == MODES.index(NOISE))[order])
 
 
 def mask_rule(layout: MaskLayout, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -54,39 +54,40 @@ def pack_rendered(rendered: list[RenderedSample], config: LanceConfig) -> Packed
     """Concatenate rendered samples into one expert-sorted packed batch."""
     max_latent_size, max_latent_frames = config.max_latent_size, config.max_latent_frames
     channels = config.vae.latent_channels
-    kinds: list[str] = []  # per rendered token: "text" / "vit" / "vae"
-    text_ids: list[int] = []
-    labels: list[int] = []  # per rendered token: label it predicts, -100 if none
+    TEXT, VIT, VAE = 0, 1, 2
+    kind_parts: list[torch.Tensor] = []  # per split: kind code of each rendered token
+    text_ids: list[int] = []  # text tokens in rendered order
+    ce_rendered: list[int] = []  # rendered positions that predict a label
+    ce_labels: list[int] = []
     vit_tokens, vit_patches, vit_grids = [], [], []
     vae_lat, vae_pos, vae_item, vae_noisy = [], [], [], []
     sample_splits, positions = [], []
     n_items = 0
+    offset = 0  # rendered index of the current split's first token
     for r in rendered:
         sample_splits.append([(s.mode, len(s)) for s in r.splits])
         positions.append(r.positions)
+        sample_start = offset
         for s in r.splits:
+            n_split = len(s)
             if s.kind == "text":
+                kind_parts.append(torch.zeros(n_split, dtype=torch.long))
+                text_ids += s.text_ids
                 if s.ce:
-                    if not labels:
+                    if offset == sample_start:
                         raise ValueError("an answer split cannot open a sample")
                     # the token before each answer token predicts it
-                    for j, tid in enumerate(s.text_ids):
-                        labels[-1] = tid
-                        kinds.append("text")
-                        text_ids.append(tid)
-                        labels.append(-100)
-                else:
-                    kinds += ["text"] * len(s.text_ids)
-                    text_ids += s.text_ids
-                    labels += [-100] * len(s.text_ids)
+                    ce_rendered += range(offset - 1, offset + n_split - 1)
+                    ce_labels += s.text_ids
+                offset += n_split
                 continue
-            n = len(s) - 2
-            kinds.append("text")
-            text_ids.append(s.text_ids[0])
-            kinds += [s.kind] * n
-            kinds.append("text")
-            text_ids.append(s.text_ids[1])
-            labels += [-100] * (n + 2)
+            n = n_split - 2
+            code = VIT if s.kind == "vit" else VAE
+            kinds = torch.full((n_split,), code, dtype=torch.long)
+            kinds[0] = kinds[-1] = TEXT  # <|vision_start|> / <|vision_end|> are text tokens
+            kind_parts.append(kinds)
+            text_ids += s.text_ids[:2]
+            offset += n_split
             v = s.visual
             if s.kind == "vit":
                 if v.vit_tokens is not None:
@@ -120,23 +121,21 @@ def pack_rendered(rendered: list[RenderedSample], config: LanceConfig) -> Packed
                 vae_item.append(torch.full((n,), n_items if noisy else -1, dtype=torch.long))
                 n_items += int(noisy)
 
-    kinds_t = torch.tensor([{"text": 0, "vit": 1, "vae": 2}[k] for k in kinds])
-    is_gen = kinds_t == 2
+    kinds_t = torch.cat(kind_parts)
+    is_gen = kinds_t == VAE
     perm = torch.cat([torch.nonzero(~is_gen).flatten(), torch.nonzero(is_gen).flatten()])  # storage -> rendered
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(len(perm))  # rendered -> storage
     rendered_pos = torch.cat(positions, dim=1)
-    labels_t = torch.tensor(labels, dtype=torch.long)
-    ce_rendered = torch.nonzero(labels_t != -100).flatten()
 
     return PackedBatch(
-        num_tokens=len(kinds),
+        num_tokens=len(kinds_t),
         num_und=int((~is_gen).sum()),
         layout=MaskLayout.from_splits(sample_splits, perm),
         positions=rendered_pos[:, perm],
         text_ids=torch.tensor(text_ids, dtype=torch.long),
-        text_index=inv[kinds_t == 0],
-        vit_index=inv[kinds_t == 1],
+        text_index=inv[kinds_t == TEXT],
+        vit_index=inv[kinds_t == VIT],
         vit_tokens=torch.cat(vit_tokens) if vit_tokens else None,
         vit_patches=torch.cat(vit_patches) if vit_patches else None,
         vit_grids=torch.tensor(vit_grids, dtype=torch.long).reshape(-1, 3),
@@ -145,8 +144,8 @@ def pack_rendered(rendered: list[RenderedSample], config: LanceConfig) -> Packed
         vae_item=torch.cat(vae_item) if vae_item else torch.zeros(0, dtype=torch.long),
         vae_noisy=torch.cat(vae_noisy) if vae_noisy else torch.zeros(0, dtype=torch.bool),
         num_items=n_items,
-        ce_index=inv[ce_rendered],
-        ce_labels=labels_t[ce_rendered],
+        ce_index=inv[torch.tensor(ce_rendered, dtype=torch.long)],
+        ce_labels=torch.tensor(ce_labels, dtype=torch.long),
         sample_lens=[len(r) for r in rendered],
         tasks=[r.task for r in rendered],
     )
