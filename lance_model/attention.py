@@ -76,6 +76,19 @@ def mask_rule(layout: MaskLayout, q: torch.Tensor, k: torch.Tensor) -> torch.Ten
     return same_sample & (earlier | in_block) & visible
 
 
+def visible_pairs(sample_splits: list[list[tuple[str, int]]]) -> int:
+    """Number of (query, key) pairs the rule allows, from split lengths alone (for FLOP counts)."""
+    total = 0
+    for splits in sample_splits:
+        start = hidden = 0  # tokens before this split; of those, tokens in noise splits
+        for mode, n in splits:
+            visible_before = start - hidden
+            total += n * visible_before + (n * (n + 1) // 2 if mode == CAUSAL else n * n)
+            hidden += n if mode == NOISE else 0
+            start += n
+    return total
+
+
 def dense_mask(layout: MaskLayout) -> torch.Tensor:
     """Boolean [L, L] mask (True = may attend)."""
     idx = torch.arange(len(layout), device=layout.sample.device)

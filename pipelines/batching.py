@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from data_curation.schema import row_to_sample
+from lance_model.attention import visible_pairs
 from lance_model.config import LanceConfig
 from lance_model.packing import PackedBatch, pack_rendered
 from lance_model.sequence import RenderedSample, SequenceBuilder
@@ -130,6 +131,7 @@ class GroupStreams:
 class PackStats:
     samples: int = 0
     skipped_too_long: int = 0
+    attention_pairs: int = 0  # visible (query, key) pairs of the pack, for FLOP counts
     per_group: dict[str, int] = field(default_factory=dict)
 
 
@@ -193,6 +195,7 @@ class Packer:
             used += len(r)
             stats.samples += 1
             stats.per_group[group] = stats.per_group.get(group, 0) + 1
+        stats.attention_pairs = visible_pairs([[(x.mode, len(x)) for x in r.splits] for r in rendered])
         self.total.samples += stats.samples
         self.total.skipped_too_long += stats.skipped_too_long
         return pack_rendered(rendered, self.config), stats

@@ -105,6 +105,8 @@ class DataConfig:
 class ValidationConfig:
     every: int = 0  # steps between validations (0: only at the end)
     seed: int = 1234
+    samples: int = 4  # generated images / x2t answers from held-out rows, logged as artifacts (0: off)
+    sample_steps: int = 12  # denoising steps for those samples
 
 
 @dataclass
@@ -112,6 +114,7 @@ class ScalingConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    peak_tflops: float = 0.0  # per-GPU bf16 peak for the MFU metric (798 measured on the H100); 0: no MFU
 
 
 @dataclass

@@ -205,6 +205,61 @@ def validate(model: Lance, packer: Packer, rows: list[dict], device: torch.devic
     return {f"val_loss/{t}": reduced[2 * k] / max(reduced[2 * k + 1], 1.0) for k, t in enumerate(tasks)}
 
 
+def step_flops(config: LanceConfig, tokens: int, pairs: int) -> float:
+    """Matmul + attention FLOPs of forward + backward (each token passes one expert)."""
+    t = config.text
+    layer = (2 * t.hidden_size * t.num_attention_heads * t.head_dim
+             + 2 * t.hidden_size * t.num_key_value_heads * t.head_dim + 3 * t.hidden_size * t.intermediate_size)
+    return t.num_hidden_layers * (6 * layer * tokens + 12 * t.num_attention_heads * t.head_dim * pairs)
+
+
+def log_validation_samples(model: Lance, config: LanceConfig, rows: list[dict], tracker, step: int,
+                           device: torch.device, stage: StageConfig) -> None:
+    """Rank 0: a grid of generated images (top) over the held-out targets (bottom), and x2t answers
+    next to the references, as MLflow artifacts. `model` is an unsharded copy."""
+    from PIL import Image
+
+    from data_curation.schema import row_to_sample
+    from lance_model.encoders.vae import build_vae
+    from lance_model.generation import SamplerOptions, TextOptions, generate_text, sample_latents
+    from lance_model.sequence import Sample, Visual
+
+    builder = SequenceBuilder(load_tokenizer(config.tokenizer), config.vit.spatial_merge_size if config.vit else 2)
+    n = stage.validation.samples
+    images = [row_to_sample(r) for r in rows if r["task"] == "t2i"][:n]
+    questions = [row_to_sample(r) for r in rows if r["task"] in ("i2t", "v2t")][:n]
+    with tempfile.TemporaryDirectory() as tmp:
+        if images:
+            vae = build_vae(config.vae).to(device)
+            tiles = []
+            for s in images:  # one at a time: held-out targets may differ in size
+                prompt = Sample("t2i", s.caption, target=Visual(latent_shape=s.target.latent_shape))
+                latents = sample_latents(model, builder, [prompt], [stage.validation.seed],
+                                         SamplerOptions(num_steps=stage.validation.sample_steps)).latents
+                both = torch.cat([latents, s.target.latent[None].to(device)])
+                pixels = ((vae.decode(both).float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+                tiles.append(torch.cat([pixels[0, :, 0], pixels[1, :, 0]], dim=1).permute(1, 2, 0).cpu())
+            height = max(t.shape[0] for t in tiles)
+            grid = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, 0, 0, height - t.shape[0])) for t in tiles], dim=1)
+            Image.fromarray(grid.numpy()).save(Path(tmp) / f"samples_step{step:06d}.png")
+        if questions:
+            answers = generate_text(model, builder, questions, TextOptions(max_new_tokens=32))
+            (Path(tmp) / f"answers_step{step:06d}.json").write_text(json.dumps(
+                [{"question": q.caption, "reference": q.answer, "answer": a.text} for q, a in zip(questions, answers)],
+                indent=2))
+        tracker.log_artifact(Path(tmp), "validation")
+
+
+def unsharded_copy(model: Lance, config: LanceConfig, device: torch.device) -> Lance:
+    """A plain (unsharded) model with the current weights; collective under FSDP (all ranks call it)."""
+    full = full_model_state(model)
+    if parallel.world()[0] != 0:
+        return model
+    copy = Lance(config)
+    copy.load_state_dict(full, strict=False)
+    return copy.to(device).eval()
+
+
 def _sample(row: dict):
     from data_curation.schema import row_to_sample
 
@@ -294,10 +349,14 @@ def train_loop(config: dict[str, Any]) -> None:
         dt = time.perf_counter() - t0
         loss_sum, ce_sum, mse_sum = parallel.all_reduce_sum(
             [float(out.loss.detach()), float(out.ce), float(out.mse)], device)
+        pairs = parallel.all_reduce_sum([stats.attention_pairs], device)[0]
         last_metrics = {"loss": loss_sum, "ce": ce_sum, "mse": mse_sum, "lr": scheduler.get_last_lr()[0],
                         "grad_norm": grad_norm, "tokens_per_s": tokens / dt, "step_time_s": dt,
                         "samples": stats.samples, "skipped_too_long": packer.total.skipped_too_long,
                         "skipped_step": float(skipped)}
+        if use_gpu and stage.scaling.peak_tflops > 0:
+            last_metrics["mfu"] = step_flops(model_config, int(tokens), int(pairs)) / dt / (
+                world * stage.scaling.peak_tflops * 1e12)
         if tracker is not None and (step % stage.log_every == 0 or step == stage.steps - 1):
             tracker.log_metrics(last_metrics, step=step)
 
@@ -306,6 +365,10 @@ def train_loop(config: dict[str, Any]) -> None:
         if holdout_rows and due:
             val = validate(model, packer, holdout_rows, device, stage.validation.seed)
             last_metrics.update(val)
+            if stage.validation.samples:
+                copy = unsharded_copy(model, model_config, device)
+                if tracker is not None:
+                    log_validation_samples(copy, model_config, holdout_rows, tracker, step, device, stage)
             if tracker is not None:
                 tracker.log_metrics(val, step=step)
         if last or (stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0):

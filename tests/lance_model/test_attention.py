@@ -14,6 +14,7 @@ from lance_model.attention import (
     dense_mask,
     flash_available,
     make_backend,
+    visible_pairs,
 )
 
 
@@ -58,6 +59,7 @@ def test_mask_equals_brute_force(seed):
     expected = brute_force(samples)
     got = dense_mask(layout)  # storage order
     assert torch.equal(got, expected[perm][:, perm])
+    assert visible_pairs(samples) == int(expected.sum())
 
 
 def test_mask_hand_example():

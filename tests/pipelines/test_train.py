@@ -51,6 +51,8 @@ def test_stage_resumes_after_a_worker_failure_to_the_same_weights(ray_local, tmp
     assert len(losses) == 8 and sum(losses[-2:]) < sum(losses[:2])
     assert {"val_loss/t2i", "val_loss/i2t", "val_loss/i2i", "tokens_per_s", "grad_norm"} <= set(run.data.metrics)
     assert "stage.yaml" in [a.path.split("/")[-1] for a in client.list_artifacts(reference.run_id, "config")]
+    validation = {a.path.split("/")[-1] for a in client.list_artifacts(reference.run_id, "validation")}
+    assert {"samples_step000007.png", "answers_step000007.json"} <= validation
 
     # The same stage with a worker that raises once at step 5 resumes from the step-3 checkpoint.
     resumed = run_stage(stage(shard_dir, "fail_once_at_step=5"), tmp_path / "b")
