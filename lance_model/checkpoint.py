@@ -324,10 +324,9 @@ def init_from_qwen25vl(directory: str | Path, config: LanceConfig | None = None,
             dropped.append(k)
         else:
             mapped[nk] = v
-    torch.manual_seed(seed)
     with torch.device(device):
         model = Lance(config)
-        model.init_weights()
+        model.init_weights(generator=torch.Generator(device=device).manual_seed(seed))
     if dtype is not None:
         model.to(dtype)
     expected = model.state_dict()
