@@ -16,6 +16,32 @@ from lance_model.configio import ConfigError
 SOURCE_KINDS = ("folder", "webdataset", "parquet", "synthetic")
 PARQUET_LAYOUTS = ("t2i", "t2v", "i2i", "v2v", "i2t", "v2t")
 BUCKET_RATIOS = {"21:9": 21 / 9, "16:9": 16 / 9, "4:3": 4 / 3, "1:1": 1.0, "3:4": 3 / 4, "9:16": 9 / 16}
+# Scripts the caption-language filter tells apart (filters.py has their Unicode ranges), groups of
+# them, and language codes that stand for their script(s).
+SCRIPTS = ("latin", "greek", "cyrillic", "armenian", "hebrew", "arabic", "devanagari", "bengali", "gurmukhi",
+           "gujarati", "oriya", "tamil", "telugu", "kannada", "malayalam", "sinhala", "thai", "lao", "tibetan",
+           "myanmar", "georgian", "ethiopic", "khmer", "hangul", "kana", "bopomofo", "han", "other")
+SCRIPT_GROUPS = {"cjk": ("han", "kana", "hangul", "bopomofo")}
+LANGUAGE_SCRIPTS = {
+    **{code: ("latin",) for code in ("en", "fr", "de", "es", "it", "pt", "nl", "sv", "da", "no", "fi", "pl", "cs",
+                                     "ro", "hu", "tr", "id", "vi", "ms", "sw")},
+    **{code: ("cyrillic",) for code in ("ru", "uk", "bg", "be", "kk", "mk")},
+    "el": ("greek",), "he": ("hebrew",), "ar": ("arabic",), "fa": ("arabic",), "ur": ("arabic",),
+    "hi": ("devanagari",), "mr": ("devanagari",), "ne": ("devanagari",), "bn": ("bengali",), "ta": ("tamil",),
+    "th": ("thai",), "ka": ("georgian",), "zh": ("han", "bopomofo"), "ja": ("han", "kana"), "ko": ("hangul", "han"),
+}
+
+
+def language_scripts(name: str) -> tuple[str, ...]:
+    """The scripts a `filters.caption_scripts` entry (script, group or language code) allows."""
+    if name in SCRIPTS:
+        return (name,)
+    if name in SCRIPT_GROUPS:
+        return SCRIPT_GROUPS[name]
+    if name in LANGUAGE_SCRIPTS:
+        return LANGUAGE_SCRIPTS[name]
+    raise ConfigError(f"filters.caption_scripts: unknown script or language {name!r}; expected a script "
+                      f"{SCRIPTS}, a group {tuple(SCRIPT_GROUPS)} or a language code {tuple(LANGUAGE_SCRIPTS)}")
 
 
 def _require(cond: bool, name: str, value: Any, expected: str) -> None:
@@ -128,11 +154,36 @@ class FilterConfig:
     max_caption_chars: int = 0
     min_blur: float = 0.0          # Laplacian variance of the grey frame (0-255 scale)
     min_motion: float = 0.0        # mean absolute grey difference between sampled frames
+    # caption language: allowed scripts / script groups / language codes (empty = off), and the share
+    # of the caption's letters that must be in them (the rest may be quoted foreign text)
+    caption_scripts: tuple[str, ...] = ()
+    min_script_fraction: float = 0.5
+    # OCR text density (share of the frame inside detected text boxes; needs rapidocr; 0 = off)
+    min_text_density: float = 0.0
+    max_text_density: float = 0.0
+
+    @property
+    def text_density_on(self) -> bool:
+        return bool(self.min_text_density or self.max_text_density)
 
     def validate(self) -> None:
         for name in ("min_side", "max_side", "max_aspect", "min_seconds", "max_seconds", "min_caption_chars",
                      "max_caption_chars", "min_blur", "min_motion"):
             _non_negative(f"filters.{name}", getattr(self, name))
+        _require(isinstance(self.caption_scripts, (tuple, list)), "filters.caption_scripts", self.caption_scripts,
+                 "a list of scripts or language codes")
+        for name in self.caption_scripts:
+            language_scripts(name)
+        for name in ("min_script_fraction", "min_text_density", "max_text_density"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1,
+                     f"filters.{name}", value, "a fraction in [0, 1]")
+        if self.text_density_on:
+            from data_curation.filters import ocr_available
+
+            _require(ocr_available(), "filters.min_text_density/max_text_density",
+                     (self.min_text_density, self.max_text_density),
+                     "0 here: the OCR text-density filter needs rapidocr + onnxruntime, which are not installed")
 
 
 @dataclass
@@ -194,10 +245,14 @@ class EncodeConfig:
 class OutputConfig:
     dir: str = "runs/curation/out"
     target_shard_bytes: int = 256 * 1024 * 1024
+    # also store `<slot>_pixels`: the bucketed media (the VAE copy, else the ViT copy) as PNG (images)
+    # or MP4 (videos) bytes, for evaluation; off by default (it makes shards much larger)
+    store_pixels: bool = False
 
     def validate(self) -> None:
         _require(isinstance(self.dir, str) and bool(self.dir), "output.dir", self.dir, "a directory path")
         _positive_int("output.target_shard_bytes", self.target_shard_bytes)
+        _require(isinstance(self.store_pixels, bool), "output.store_pixels", self.store_pixels, "true or false")
 
 
 @dataclass

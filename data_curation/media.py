@@ -136,3 +136,13 @@ def decode_text(raw: bytes | None, field_name: str, required: bool, max_chars: i
     if len(text) > max_chars:
         raise MediaError(f"{field_name}_too_long", f"{len(text)} characters (limit {max_chars})")
     return text
+
+
+def encode_pixels(frames: np.ndarray, is_video: bool, fps: float) -> bytes:
+    """Frames [F, H, W, 3] uint8 -> PNG bytes (an image) or H.264 MP4 bytes at `fps` (a video): the
+    optional `<slot>_pixels` of a shard row, for evaluation."""
+    from data_curation.synthetic import encode_image, encode_video
+
+    if not is_video:
+        return encode_image(frames[0], "PNG")
+    return encode_video(frames, fps)

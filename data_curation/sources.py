@@ -45,6 +45,8 @@ PARQUET_MEDIA = {
     "v2t": {"video_bytes": ("source", "video")},
 }
 PARQUET_TEXT = {"caption": "caption", "caption_i": "caption", "caption_q": "question", "caption_a": "answer"}
+# Text columns a layout must have (a file of another layout fails at listing, not row by row).
+PARQUET_REQUIRED_TEXT = {"i2t": ("caption_q", "caption_a"), "v2t": ("caption_q", "caption_a")}
 
 
 class SourceError(ValueError):
@@ -196,44 +198,68 @@ def list_folder(src: SourceConfig) -> Iterator[SourceItem]:
 
 
 # ---------------------------------------------------------------------------------------- webdataset
-def _tar_groups(uri: str) -> dict[str, dict[str, tarfile.TarInfo]]:
-    """key -> {extension: member} of one tar (WebDataset: key = member path up to its first dot)."""
+def _tar_groups(uri: str) -> tuple[dict[str, dict[str, tarfile.TarInfo]], str | None]:
+    """key -> {extension: member} of one tar (WebDataset: key = member path up to its first dot),
+    and the error that stopped the reading (None when the whole tar was read). A truncated or corrupt
+    tar keeps the groups read before the damage, minus any group with a member cut off by it."""
     fs, path = filesystem(uri)
     groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-    with fs.open_input_file(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-        for member in tar.getmembers():
-            if not member.isfile():
-                continue
-            directory, base = posixpath.split(member.name)
-            stem, _, ext = base.partition(".")
-            groups.setdefault(posixpath.join(directory, stem), {})["." + ext.lower()] = member
-    return groups
+    error = None
+    with fs.open_input_file(path) as f:
+        size = f.size()
+        try:
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    directory, base = posixpath.split(member.name)
+                    stem, _, ext = base.partition(".")
+                    groups.setdefault(posixpath.join(directory, stem), {})["." + ext.lower()] = member
+        except tarfile.TarError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    cut = sorted(k for k, ms in groups.items() if any(m.offset_data + m.size > size for m in ms.values()))
+    if cut:
+        error = error or "tar ends inside a member"
+        error += f"; incomplete sample(s) {cut} left out"
+        groups = {k: ms for k, ms in groups.items() if k not in cut}
+    return groups, error
 
 
 def list_webdataset(src: SourceConfig) -> Iterator[SourceItem]:
+    """One item per sample key: its first media member (sorted by extension), `.txt` as the caption
+    and `.json` ({caption, question, answer}) as metadata; a `.txt` caption wins over a JSON one.
+    A key without a media member or a caption is quarantined by validation; a damaged tar yields an
+    `unreadable_tar` item (quarantined with the error) next to the samples read before the damage."""
     for tar_uri, info in _container_files(src.uri, ".tar"):
-        for key, members in sorted(_tar_groups(tar_uri).items()):
+        groups, error = _tar_groups(tar_uri)
+        if error is not None:
+            locator = {"kind": "error", "reason": "unreadable_tar", "detail": f"{tar_uri}: {error}"}
+            yield _item(tar_uri, "t2i", locator, _stamp(info))
+        for key, members in sorted(groups.items()):
             media_ext = next((e for e in sorted(members) if media_kind(e)), None)
             kind = media_kind(media_ext) if media_ext else None
-            member = members[media_ext] if media_ext else next(iter(members.values()))
+            media = {}
+            if media_ext:
+                member = members[media_ext]
+                media["target"] = [tar_uri, kind, member.offset_data, member.size]
             text_files = {name: [tar_uri, members[ext].offset_data, members[ext].size]
                           for name, ext in (("caption", ".txt"), ("json", ".json")) if ext in members}
-            locator = {"kind": "files", "media": {"target": [tar_uri, kind, member.offset_data, member.size]},
-                       "text": {}, "text_files": text_files}
+            locator = {"kind": "files", "media": media, "text": {}, "text_files": text_files}
             yield _item(f"{tar_uri}#{key}", "t2v" if kind == "video" else "t2i", locator, _stamp(info), key)
 
 
 # ---------------------------------------------------------------------------------------- parquet
 def list_parquet(src: SourceConfig) -> Iterator[SourceItem]:
-    needed = set(PARQUET_MEDIA[src.layout])
+    needed = set(PARQUET_MEDIA[src.layout]) | set(PARQUET_REQUIRED_TEXT.get(src.layout, ("caption",)))
     for file_uri, info in _container_files(src.uri, ".parquet"):
         fs, path = filesystem(file_uri)
         with fs.open_input_file(path) as f:
             meta = pq.ParquetFile(f).metadata
-        missing = needed - set(meta.schema.names)
+        columns = meta.schema.to_arrow_schema().names  # top-level (an HF Image column is a struct)
+        missing = needed - set(columns)
         if missing:
             raise SourceError(f"{file_uri}: layout {src.layout!r} needs columns {sorted(missing)}; "
-                              f"the file has {meta.schema.names}")
+                              f"the file has {columns}")
         for group in range(meta.num_row_groups):
             for row in range(meta.row_group(group).num_rows):
                 locator = {"kind": "parquet", "uri": file_uri, "layout": src.layout, "row_group": group, "row": row}
@@ -282,6 +308,8 @@ class Fetcher:
             return render_item(locator["spec"], locator["item"])
         if kind == "parquet":
             return self._fetch_parquet(locator)
+        if kind == "error":  # found broken at listing (a damaged tar): quarantined with its reason
+            raise MediaError(locator["reason"], locator["detail"])
         return self._fetch_files(locator)
 
     def _fetch_files(self, locator: dict) -> Fetched:
@@ -290,7 +318,8 @@ class Fetcher:
             media[slot] = (read_bytes(uri, *span), media_type)
         text = {name: (v.encode("utf-8") if isinstance(v, str) else None)
                 for name, v in locator["text"].items()}
-        for name, (uri, offset, size) in locator["text_files"].items():
+        # JSON metadata first, so an explicit caption file (`.txt`) wins over its `caption`
+        for name, (uri, offset, size) in sorted(locator["text_files"].items(), key=lambda kv: kv[0] != "json"):
             raw = read_bytes(uri, offset, size)
             if name == "json":
                 text.update(_json_text(raw))

@@ -11,7 +11,8 @@ once per actor.
   disappears.
 - `PrepareStage` (pass 2): fetch and decode the kept items again, choose the aspect bucket and make
   the VAE copy and the ViT copy of every slot the task needs (uint8 frames [F, H, W, 3]; a slot
-  that needs no copy holds an empty [0, 0, 0, 3] array so the column stays one array type).
+  that needs no copy holds an empty [0, 0, 0, 3] array so the column stays one array type); with
+  `output.store_pixels`, also `<slot>_pixels`: the bucketed copy as PNG / MP4 bytes for evaluation.
 - `VaeStage` / `VitStage`: encode each group of equal-shape inputs as one stacked batch (a batch
   never mixes buckets or frame counts, so nothing is padded) and store bf16 bytes + shapes.
 - `TokenizeStage`: token ids of caption / question / answer with the model's tokenizer.
@@ -28,8 +29,16 @@ import torch
 from data_curation.buckets import bucket_size, choose_bucket, resize_crop
 from data_curation.config import CurationConfig, ModelRef
 from data_curation.dedup import perceptual_hash
-from data_curation.filters import ItemStats, blur_score, filter_reason, motion_score
-from data_curation.media import Decoded, MediaError, check_size, decode_media, decode_text
+from data_curation.filters import (
+    ItemStats,
+    blur_score,
+    filter_detail,
+    filter_reason,
+    motion_score,
+    script_counts,
+    text_density,
+)
+from data_curation.media import Decoded, MediaError, check_size, decode_media, decode_text, encode_pixels
 from data_curation.schema import SLOTS, tensor_to_bytes
 from data_curation.sources import TEXT_FIELDS, UNDERSTANDING_TASKS, Fetcher, main_slot
 
@@ -116,8 +125,9 @@ def load_item(fetcher: Fetcher, item: dict, cfg: CurationConfig) -> LoadedItem:
     return LoadedItem(fetched.sample_id(), visuals, text, is_video)
 
 
-def _text_chars(text: dict[str, str | None]) -> int:
-    return len(text["caption"] or text["question"] or "")
+def _main_text(text: dict[str, str | None]) -> str:
+    """The text the caption filters judge: the caption, else the question."""
+    return text["caption"] or text["question"] or ""
 
 
 # ---------------------------------------------------------------------------------------- pass 1
@@ -144,21 +154,26 @@ class InspectStage:
         except MediaError as exc:
             return {**row, "status": "quarantined", "reason": exc.reason, "detail": exc.detail}
         main = loaded.visuals[main_slot(item["task"])]
-        stats = ItemStats(main.height, main.width, loaded.is_video, main.duration, _text_chars(loaded.text),
-                          blur_score(main.frames), motion_score(main.frames))
+        filters = self.cfg.filters
+        stats = ItemStats(main.height, main.width, loaded.is_video, main.duration, len(_main_text(loaded.text)),
+                          blur_score(main.frames), motion_score(main.frames),
+                          caption_letters=script_counts(_main_text(loaded.text)) if filters.caption_scripts else {})
         row.update(sample_id=loaded.sample_id, height=stats.height, width=stats.width,
                    num_frames=len(main.frames), duration=stats.duration, caption_chars=stats.caption_chars,
                    blur_score=stats.blur, motion_score=stats.motion, phash=perceptual_hash(main.frames))
-        reason = filter_reason(stats, self.cfg.filters)
+        reason = filter_reason(stats, filters)
+        if reason is None and filters.text_density_on:  # OCR last, and only for items the cheap filters keep
+            stats.text_density = text_density(main.frames)
+            reason = filter_reason(stats, filters)
         if reason:
-            row.update(status="filtered", reason=reason)
+            row.update(status="filtered", reason=reason, detail=filter_detail(stats, filters, reason))
         return row
 
 
 # ---------------------------------------------------------------------------------------- pass 2
 PREPARE_COLUMNS = ["sample_id", "task", "source_uri", "status", "reason", "detail", *TEXT_FIELDS, "height",
                    "width", "num_frames", "fps", "bucket", "blur_score", "motion_score",
-                   *[f"{s}_{c}_in" for s in SLOTS for c in ("vae", "vit")]]
+                   *[f"{s}_{c}_in" for s in SLOTS for c in ("vae", "vit")], *[f"{s}_pixels" for s in SLOTS]]
 
 
 class PrepareStage:
@@ -199,6 +214,11 @@ class PrepareStage:
         for slot, decoded in loaded.visuals.items():
             bucket, vae_in, vit_in = self.copies(decoded, loaded.is_video, *slot_copies(task, slot))
             row[f"{slot}_vae_in"], row[f"{slot}_vit_in"] = vae_in, vit_in
+            if self.cfg.output.store_pixels:
+                shown = vae_in if vae_in.size else vit_in
+                is_video = decoded.duration > 0  # decoded from a video (an image has no duration)
+                row[f"{slot}_pixels"] = (encode_pixels(shown, is_video, decoded.fps or self.cfg.decode.target_fps)
+                                         if shown.size else None)
             if slot == main_slot(task):
                 shown = vae_in if vae_in.size else vit_in
                 row.update(bucket=bucket, height=shown.shape[1], width=shown.shape[2], num_frames=len(decoded.frames),

@@ -25,7 +25,8 @@ def shard_rows(out) -> list[dict]:
 def defect_run(ray_local, tmp_path_factory, folder_config):
     root = tmp_path_factory.mktemp("defects")
     corpus = write_defect_corpus(root / "corpus")
-    cfg = folder_config(corpus.root, root / "out", "tracking.enabled=true", f"tracking.workdir={root / 'mlflow'}")
+    cfg = folder_config(corpus.root, root / "out", "tracking.enabled=true", f"tracking.workdir={root / 'mlflow'}",
+                        "output.store_pixels=true")
     result = run_curation(cfg, "curate")
     return corpus, cfg, result, root / "out"
 
@@ -56,6 +57,19 @@ def test_planted_defects_give_exact_rows_and_counts(defect_run):
     assert qa["target_vae_latent"] is None and bytes(qa["answer_ids"]) == b"PARK"
     edit = by_name["edit_0_out.png"]
     assert edit["source_vae_shape"] == edit["target_vae_shape"] and edit["source_vit_shape"] == [4, 64]
+    # output.store_pixels: PNG / MP4 of the bucketed main visual, at the row's size
+    import io
+
+    import decord
+    from PIL import Image
+    for name, row in by_name.items():
+        data = row["source_pixels" if row["task"] == "i2t" else "target_pixels"]
+        if name.endswith(".mp4"):
+            video = decord.VideoReader(io.BytesIO(data))
+            assert (len(video), *video[0].shape) == (row["num_frames"], row["height"], row["width"], 3)
+        else:
+            assert Image.open(io.BytesIO(data)).size == (row["width"], row["height"])
+    assert edit["source_pixels"] is not None and by_name["img_0.png"]["source_pixels"] is None
 
 
 def test_run_writes_manifest_report_and_mlflow_run(defect_run):
