@@ -1,0 +1,418 @@
+"""The GRPO driver loop (RL.md §4): rollout -> rewards on Ray actors -> advantages -> update -> push
+weights -> MLflow.
+
+One iteration:
+1. pick B prompts (deterministic for (seed, step), so a resumed run sees the same prompts);
+2. sample G images per prompt with the SDE sampler, in fixed micro-batches; each micro-batch is
+   decoded and sent to the reward actor pool as soon as it exists, so OCR of micro-batch k runs
+   while micro-batch k + 1 is being sampled;
+3. gather the rewards (weighted components) and compute group advantages;
+4. update the policy for `inner_epochs`: for each micro-batch (shuffled), recompute the log-prob of
+   every trained transition with the current policy through the uncached, differentiable velocity
+   path, clipped-ratio loss + beta * KL to the frozen reference, accumulate over steps, clip the
+   gradient norm, AdamW step. Micro-batches are the rollout's own, so the first recomputation
+   repeats the rollout's arithmetic and the first step's ratio is exactly 1;
+5. push the new weights to the rollout worker (in-process the worker shares the policy module,
+   so there is nothing to copy; a worker holding its own copy gets `load_weights`);
+6. log reward mean/std and per component, OCR failures, KL, clip fraction, ratio stats, step time,
+   images/s, a sample grid and the per-sample rewards with their prompts.
+
+On one CPU machine everything except the reward actors runs in the driver process; the reward
+actors run on Ray either way. Checkpoints (`workdir/checkpoints/step-NNNNNN`) hold the policy in
+the official key layout (`save_pretrained`) plus `trainer_state.pt` (step, optimizer); a run with
+`resume: true` continues from the newest one and reopens its MLflow run.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lance_model.configio import flatten, to_dict
+from lance_model.generation import SamplerOptions
+from lance_model.model import Lance
+from pipelines.tracking import Tracker, default_tracking_uri
+
+from .actors import RewardActorPool
+from .config import PolicyConfig, RLConfig
+from .grpo import group_advantages, kl_penalty, policy_loss, window_steps
+from .ocr import preflight
+from .prompts import load_prompt_file, synthetic_prompts
+from .rewards import RewardBatch, check_prompts, combine_rewards
+from .rollout import RolloutWorker, Trajectories, transition_log_prob
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "trainer_state.pt"
+RUN_ID_FILE = "mlflow_run_id"
+_STEP_DIR = re.compile(r"^step-(\d{6})$")
+
+
+# ------------------------------------------------------------------------------------ setup
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def build_policy(cfg: PolicyConfig, seed: int, device: torch.device) -> Lance:
+    """The starting policy: a checkpoint directory, or a random init of the preset (demos/tests),
+    reproducible from `seed` so that a resumed run rebuilds the same frozen reference."""
+    if cfg.checkpoint:
+        return Lance.from_pretrained(cfg.checkpoint, weights=cfg.weights, device=device)
+    from lance_model.config import LanceConfig
+
+    config = LanceConfig.from_preset(cfg.preset)
+    model = Lance(config)
+    model.init_weights(generator=torch.Generator().manual_seed(seed))
+    return model.to(device)
+
+
+def load_prompts(cfg: RLConfig) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out prompts), all checked for a quoted target before any work."""
+    p = cfg.prompts
+    train = load_prompt_file(p.file) if p.file else synthetic_prompts(p.synthetic, cfg.seed)
+    if p.eval_file:
+        held_out = load_prompt_file(p.eval_file)
+    else:
+        held_out = synthetic_prompts(p.eval_synthetic, cfg.seed + 1) if p.eval_synthetic else []
+    check_prompts(train + held_out)
+    return train, held_out
+
+
+def sampler_options(cfg: RLConfig) -> SamplerOptions:
+    r = cfg.rollout
+    return SamplerOptions(num_steps=r.steps, shift=r.shift, text_scale=r.cfg_scale, noise_level=r.noise_level).validate()
+
+
+def image_grid(images: list[np.ndarray], columns: int) -> np.ndarray:
+    """Tile equal-size RGB images row by row (one row per prompt group)."""
+    h, w, _ = images[0].shape
+    rows = math.ceil(len(images) / columns)
+    grid = np.zeros((rows * h, columns * w, 3), dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
+    return grid
+
+
+def _save_png(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(image).save(path)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def latest_checkpoint(workdir: Path) -> Path | None:
+    root = workdir / CHECKPOINT_DIR
+    if not root.is_dir():
+        return None
+    done = [d for d in root.iterdir() if _STEP_DIR.match(d.name) and (d / STATE_FILE).is_file()]
+    return max(done, key=lambda d: d.name) if done else None
+
+
+def save_checkpoint(workdir: Path, step: int, policy: Lance, optimizer: torch.optim.Optimizer) -> Path:
+    """Atomic: written under a temporary name, renamed when complete."""
+    final = workdir / CHECKPOINT_DIR / f"step-{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / STATE_FILE)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+# ------------------------------------------------------------------------------------ trainer
+@dataclass
+class UpdateStats:
+    loss: float = 0.0
+    policy_loss: float = 0.0
+    kl: float = 0.0
+    clip_frac: float = 0.0
+    ratio_mean: float = 1.0
+    ratio_min: float = 1.0
+    ratio_max: float = 1.0
+    first_ratio_max_dev: float = 0.0  # max |ratio - 1| on the first optimizer step (exactly 0 on-policy)
+    grad_norm: float = 0.0
+    optimizer_steps: int = 0
+    terms: list[dict] = field(default_factory=list, repr=False)
+
+    def metrics(self) -> dict[str, float]:
+        return {k: v for k, v in self.__dict__.items() if k != "terms"}
+
+
+class GrpoTrainer:
+    """Policy, frozen reference, optimizer, rollout worker and reward pool of one GRPO run."""
+
+    def __init__(self, cfg: RLConfig, reward_pool: RewardActorPool | None = None) -> None:
+        self.cfg = cfg.validate()
+        self.workdir = Path(cfg.workdir).resolve()
+        self.device = resolve_device(cfg.policy.device)
+        self.train_prompts, self.eval_prompts = load_prompts(cfg)
+        torch.manual_seed(cfg.seed)
+        self.policy = build_policy(cfg.policy, cfg.seed, self.device).eval()
+        self.reference = copy.deepcopy(self.policy).requires_grad_(False) if cfg.grpo.beta > 0 else None
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                           weight_decay=o.weight_decay)
+        self.options = sampler_options(cfg)
+        self.worker = RolloutWorker(self.policy, self.options, cfg.rollout.height, cfg.rollout.width,
+                                    cfg.rollout.kv_cache)
+        self.worker.samples(self.train_prompts[:1])  # size/stride errors before Ray starts
+        self.step = 0
+        self._own_pool = reward_pool is None
+        w = cfg.reward
+        self.rewards = reward_pool or RewardActorPool(w.ocr, w.num_actors, w.num_cpus, w.num_gpus,
+                                                      w.video_frame_stride, w.max_retries)
+
+    # ------------------------------------------------------------------ state
+    def restore(self, directory: Path) -> None:
+        from lance_model.checkpoint import load_pretrained
+
+        loaded = load_pretrained(directory, device=self.device)
+        self.policy.load_state_dict(loaded.state_dict(), strict=False)
+        state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.push_weights()
+        log.info("resumed GRPO from %s (step %d)", directory, self.step)
+
+    def save(self) -> Path:
+        return save_checkpoint(self.workdir, self.step, self.policy, self.optimizer)
+
+    def push_weights(self) -> None:
+        """Send the policy's weights to the rollout worker (nothing to copy when it shares the module)."""
+        if self.worker.model is not self.policy:
+            self.worker.load_weights(self.policy.state_dict(), self.step)
+        self.worker.weights_version = self.step
+
+    def close(self) -> None:
+        if self._own_pool:
+            self.rewards.shutdown()
+
+    # ------------------------------------------------------------------ one iteration
+    def pick(self) -> tuple[list[str], list[int], list[int]]:
+        """This step's (prompt per sample, seed per sample, trained steps), deterministic for (seed, step)."""
+        r = self.cfg.rollout
+        rng = random.Random(self.cfg.seed * 1_000_003 + self.step)
+        chosen = rng.sample(self.train_prompts, r.prompts_per_step) if r.prompts_per_step <= len(self.train_prompts) \
+            else [rng.choice(self.train_prompts) for _ in range(r.prompts_per_step)]
+        prompts = [p for p in chosen for _ in range(r.group_size)]
+        base = (self.cfg.seed * 1_000_003 + self.step) * len(prompts)
+        seeds = [base + i for i in range(len(prompts))]
+        steps = window_steps(r.steps, tuple(r.window), rng) if r.windowed else list(range(r.steps))
+        return prompts, seeds, steps
+
+    def rollout_and_score(self, prompts: list[str], seeds: list[int], sde_steps: list[int]
+                          ) -> tuple[list[Trajectories], list[np.ndarray], RewardBatch, dict[str, float]]:
+        """Sample micro-batch by micro-batch, sending each to the reward actors as soon as it is
+        decoded; returns the timings too (sampling, and waiting for rewards after the last one)."""
+        mb = self.cfg.rollout.microbatch
+        trajs, images, pending = [], [], []
+        start = time.perf_counter()
+        for a in range(0, len(prompts), mb):
+            traj = self.worker.rollout(prompts[a:a + mb], seeds[a:a + mb], sde_steps)
+            imgs = self.worker.decode(traj.final_latents())
+            pending.append(self.rewards.submit(imgs, traj.prompts))
+            trajs.append(traj)
+            images.extend(imgs)
+        sampled = time.perf_counter()
+        scored = RewardBatch.concat([p.result() for p in pending])
+        timing = {"rollout_time_s": sampled - start, "reward_wait_s": time.perf_counter() - sampled,
+                  "images_per_s": len(images) / max(sampled - start, 1e-9)}
+        return trajs, images, scored, timing
+
+    def update(self, trajs: list[Trajectories], advantages: torch.Tensor, keep: torch.Tensor) -> UpdateStats:
+        """Inner epochs of clipped-ratio updates over the rollout's micro-batches."""
+        g, cfg = self.cfg.grpo, self.cfg
+        clip_range = g.resolved_clip_range(cfg.rollout.windowed)
+        noise = self.options.noise_level
+        offsets = np.cumsum([0] + [len(t.prompts) for t in trajs])
+        rng = random.Random(cfg.seed * 7919 + self.step)
+        stats = UpdateStats()
+        for _ in range(g.inner_epochs):
+            for m in rng.sample(range(len(trajs)), len(trajs)):
+                traj = trajs[m]
+                sl = slice(int(offsets[m]), int(offsets[m + 1]))
+                adv, kept = advantages[sl].to(self.device), keep[sl].to(self.device)
+                if not bool(kept.any()):
+                    continue
+                session = self.worker.session(self.policy, traj.samples, use_cache=False)
+                ref_session = self.worker.session(self.reference, traj.samples, use_cache=False) \
+                    if self.reference is not None else None
+                self.optimizer.zero_grad(set_to_none=True)
+                steps = rng.sample(traj.sde_steps, len(traj.sde_steps))
+                for j in steps:
+                    t, t_next = float(traj.timesteps[j]), float(traj.timesteps[j + 1])
+                    x, x_next = traj.latents[j].to(self.device), traj.latents[j + 1].to(self.device)
+                    logp, mean, std = transition_log_prob(session, x, x_next, t, t_next, noise)
+                    old = traj.log_probs[:, j].to(self.device)
+                    pg, ls = policy_loss(logp[kept], old[kept], adv[kept], clip_range)
+                    kl = torch.zeros((), device=self.device)
+                    if ref_session is not None:
+                        with torch.no_grad():
+                            _, mean_ref, _ = transition_log_prob(ref_session, x, x_next, t, t_next, noise)
+                        kl = kl_penalty(mean[kept], mean_ref[kept], std)
+                    loss = pg + g.beta * kl
+                    (loss / len(steps)).backward()
+                    if stats.optimizer_steps == 0:
+                        stats.first_ratio_max_dev = max(stats.first_ratio_max_dev,
+                                                        max(abs(ls.ratio_min - 1), abs(ls.ratio_max - 1)))
+                    stats.terms.append({"loss": float(loss.detach()), "policy_loss": float(pg.detach()), "kl": float(kl.detach()),
+                                        "clip_frac": ls.clip_frac, "ratio_mean": ls.ratio_mean,
+                                        "ratio_min": ls.ratio_min, "ratio_max": ls.ratio_max})
+                stats.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip))
+                self.optimizer.step()
+                stats.optimizer_steps += 1
+        if stats.terms:
+            for key in ("loss", "policy_loss", "kl", "clip_frac", "ratio_mean"):
+                setattr(stats, key, float(np.mean([t[key] for t in stats.terms])))
+            stats.ratio_min = min(t["ratio_min"] for t in stats.terms)
+            stats.ratio_max = max(t["ratio_max"] for t in stats.terms)
+        return stats
+
+    def iteration(self) -> tuple[dict[str, float], list[np.ndarray], list[dict]]:
+        """One GRPO step -> (metrics, images, per-sample records)."""
+        start = time.perf_counter()
+        r, w = self.cfg.rollout, self.cfg.reward
+        prompts, seeds, sde_steps = self.pick()
+        trajs, images, scored, timing = self.rollout_and_score(prompts, seeds, sde_steps)
+        components = {k: np.asarray(v) for k, v in scored.components.items()}
+        total = combine_rewards(components, w.weights)
+        advantages, keep = group_advantages(torch.as_tensor(total), r.group_size, self.cfg.grpo.global_std,
+                                            self.cfg.grpo.adv_clip)
+        stats = self.update(trajs, advantages, keep)
+        self.step += 1
+        self.push_weights()
+        elapsed = time.perf_counter() - start
+        metrics = {"reward_mean": float(total.mean()), "reward_std": float(total.std()),
+                   "groups_trained": float(keep.view(-1, r.group_size)[:, 0].float().mean()),
+                   "ocr_failures": float(scored.failures), "reward_actor_restarts": float(self.rewards.restarts),
+                   "step_time_s": elapsed, **timing,
+                   "trained_steps": float(len(sde_steps)), **stats.metrics()}
+        for name, values in components.items():
+            metrics[f"reward/{name}_mean"] = float(values.mean())
+            metrics[f"reward/{name}_std"] = float(values.std())
+        records = [{"prompt": p, "seed": s, "reward": float(rw), "advantage": float(a), "text": t,
+                    **{name: float(v[i]) for name, v in components.items()}}
+                   for i, (p, s, rw, a, t) in enumerate(zip(prompts, seeds, total, advantages, scored.texts))]
+        return metrics, images, records
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out OCR accuracy: mean OCR reward of deterministic ODE samples (seed i per prompt)."""
+        if not self.eval_prompts:
+            return {}
+        r = self.cfg.rollout
+        images = self.worker.evaluate(self.eval_prompts, list(range(len(self.eval_prompts))), r.eval_steps,
+                                      r.eval_cfg_scale)
+        scored = self.rewards.score(images, self.eval_prompts)
+        return {"eval/ocr_accuracy": float(np.mean(scored.components["ocr"])),
+                "eval/ocr_exact": float(np.mean(scored.components["ocr_exact"]))}
+
+
+# ------------------------------------------------------------------------------------ the run
+@dataclass
+class RLResult:
+    steps: int
+    metrics: dict[str, float]
+    checkpoint: Path
+    run_id: str | None
+    history: list[dict[str, float]]
+
+
+def _open_tracker(cfg: RLConfig, workdir: Path, parent_run_id: str | None) -> Tracker | None:
+    if not cfg.tracking:
+        return None
+    tracker = Tracker(default_tracking_uri(workdir), cfg.experiment, workdir / "mlartifacts")
+    id_file = workdir / RUN_ID_FILE
+    previous = id_file.read_text().strip() if cfg.resume and id_file.is_file() else None
+    run_id = tracker.start(cfg.name, parent_run_id=parent_run_id, run_id=previous, tags={"stage": "rl"})
+    if run_id and not previous:
+        id_file.write_text(run_id)
+        tracker.log_params(flatten(to_dict(cfg)))
+        tracker.log_dict(to_dict(cfg), "config/rl.yaml")
+    return tracker
+
+
+def train_grpo(cfg: RLConfig, parent_run_id: str | None = None,
+               report: Callable[[dict[str, float]], None] | None = None) -> RLResult:
+    """Run (or resume) a GRPO run to `cfg.steps` iterations. `report(metrics)` is called after every
+    iteration (Ray Tune uses it). Reward actors need Ray: a local one is started unless connected."""
+    from pipelines.runtime import init_ray
+
+    cfg.validate()
+    workdir = Path(cfg.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    load_prompts(cfg)  # prompt and OCR setup errors before Ray and the model
+    preflight(cfg.reward.ocr)
+    init_ray(cfg.ray_address)
+    trainer = GrpoTrainer(cfg)
+    tracker = None
+    history: list[dict[str, float]] = []
+    stopped_by_report = False
+    checkpoint = None
+    try:
+        latest = latest_checkpoint(workdir) if cfg.resume else None
+        if latest is not None:
+            trainer.restore(latest)
+        tracker = _open_tracker(cfg, workdir, parent_run_id)
+        log.info("GRPO: %d prompts (%d held out), reward engines %s, from step %d to %d",
+                 len(trainer.train_prompts), len(trainer.eval_prompts),
+                 sorted({i["engine"] for i in trainer.rewards.info()}), trainer.step, cfg.steps)
+        samples_dir = workdir / "samples"
+        samples_dir.mkdir(exist_ok=True)
+        checkpoint = latest
+        while trainer.step < cfg.steps:
+            metrics, images, records = trainer.iteration()
+            step = trainer.step
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                metrics.update(trainer.evaluate())
+            if step == cfg.steps:
+                metrics.update(trainer.evaluate())
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                checkpoint = trainer.save()
+            log.info("GRPO step %d/%d: %s", step, cfg.steps,
+                     ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in _SHOWN))
+            history.append(metrics)
+            if tracker is not None:
+                tracker.log_metrics(metrics, step=step)
+                if step % cfg.sample_grid_every == 0 or step == cfg.steps:
+                    grid = samples_dir / f"step-{step:06d}.png"
+                    _save_png(grid, image_grid(images, cfg.rollout.group_size))
+                    tracker.log_artifact(grid, "samples")
+                    tracker.log_dict(records, f"samples/step-{step:06d}.json")
+            if report is not None:
+                stopped_by_report = True  # Ray Tune ends a trial it stops (ASHA, max_t) inside report()
+                report(metrics)
+                stopped_by_report = False
+    except BaseException:
+        if tracker is not None:
+            if stopped_by_report:
+                tracker.set_tags({"stopped_by": "tune", "checkpoint": str(checkpoint)})
+            status = "FAILED" if not stopped_by_report else "FINISHED" if trainer.step >= cfg.steps else "KILLED"
+            tracker.end(status)
+        raise
+    finally:
+        trainer.close()
+    if tracker is not None:
+        if checkpoint is not None:
+            tracker.set_tags({"checkpoint": str(checkpoint)})
+        tracker.end("FINISHED")
+    return RLResult(trainer.step, history[-1] if history else {}, checkpoint,
+                    tracker.run_id if tracker else None, history)
+
+
+_SHOWN = ("reward_mean", "reward_std", "kl", "clip_frac", "eval/ocr_accuracy", "images_per_s", "step_time_s")

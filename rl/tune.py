@@ -1,0 +1,189 @@
+"""Reward-tuning sweeps (RL.md §5): Ray Tune over reward weights and GRPO settings, with ASHA.
+
+A sweep config (configs/rl/tune_ocr.yaml) names a base GRPO config, the overrides applied to it,
+and a search space of dotted RLConfig fields -> a distribution:
+
+    search_space:
+      grpo.beta: {choice: [0.0, 0.04]}
+      optim.lr: {loguniform: [1.0e-5, 1.0e-3]}
+      reward.weights.ocr_exact: {uniform: [0.0, 0.5]}
+
+Each trial is a GRPO run with a fixed step budget (`steps` of the base config) in its own workdir,
+reporting `reward_mean` (and the held-out `eval/ocr_accuracy` at the end) after every iteration;
+ASHA stops weak trials early. Each trial is an MLflow child run under one parent run for the sweep.
+A trial reserves one CPU for its driver plus its reward actors' CPUs/GPUs as one placement group,
+so the reward actors it starts are scheduled inside the trial's own reservation.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lance_model.configio import ConfigError, apply_overrides, flatten, from_dict, load_yaml, to_dict
+from pipelines.tracking import Tracker, default_tracking_uri
+
+from .config import RLConfig
+
+log = logging.getLogger(__name__)
+
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+METRICS = ("reward_mean", "eval/ocr_accuracy")
+
+
+@dataclass
+class TuneConfig:
+    name: str = "rl-tune"
+    base: str | None = None  # a GRPO config file (configs/rl/grpo_ocr.yaml); relative to this file
+    overrides: tuple[str, ...] = ()  # applied to the base config for every trial
+    search_space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    num_samples: int = 2
+    max_concurrent_trials: int = 1
+    metric: str = "reward_mean"
+    mode: str = "max"
+    grace_period: int = 1  # ASHA: iterations before a trial may be stopped
+    reduction_factor: int = 2
+    workdir: str = "runs/rl-tune"
+    experiment: str = "lance"
+    ray_address: str | None = None
+
+    def validate(self) -> TuneConfig:
+        if self.num_samples < 1:
+            raise ConfigError(f"num_samples={self.num_samples}: expected a positive integer")
+        if self.max_concurrent_trials < 1:
+            raise ConfigError(f"max_concurrent_trials={self.max_concurrent_trials}: expected a positive integer")
+        if self.metric not in METRICS:
+            raise ConfigError(f"metric={self.metric!r}: expected one of {METRICS}")
+        if self.mode not in ("max", "min"):
+            raise ConfigError(f"mode={self.mode!r}: expected max or min")
+        if self.grace_period < 1 or self.reduction_factor < 2:
+            raise ConfigError(f"grace_period={self.grace_period}, reduction_factor={self.reduction_factor}: "
+                              "expected >= 1 and >= 2")
+        for key, spec in self.search_space.items():
+            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+                raise ConfigError(f"search_space.{key}={spec!r}: expected one of {{kind: args}} with kind in "
+                                  f"{DISTRIBUTIONS}")
+        return self
+
+
+def load_tune_config(path: str | Path | None, overrides: list[str] | None = None) -> tuple[TuneConfig, dict]:
+    """(the sweep config, the base GRPO config as a mapping), every trial's config validated up front."""
+    data = load_yaml(path) if path else {}
+    cfg = from_dict(TuneConfig, apply_overrides(data, overrides or [])).validate()
+    base: dict = {}
+    if cfg.base:
+        base_path = Path(cfg.base)
+        if not base_path.is_absolute() and path is not None and not base_path.exists():
+            base_path = Path(path).parent / base_path
+        base = load_yaml(base_path)
+    base = apply_overrides(base, list(cfg.overrides))
+    trial_config(base, {k: _example(v) for k, v in cfg.search_space.items()})  # a bad key fails now
+    return cfg, base
+
+
+def _example(spec: dict[str, Any]) -> Any:
+    """A value inside the distribution (its first argument), to validate trial configs up front."""
+    return next(iter(spec.values()))[0]
+
+
+def search_space(cfg: TuneConfig) -> dict[str, Any]:
+    """Dotted key -> Ray Tune domain."""
+    from ray import tune
+
+    space = {}
+    for key, spec in cfg.search_space.items():
+        kind, args = next(iter(spec.items()))
+        if kind in ("choice", "grid"):
+            space[key] = (tune.choice if kind == "choice" else tune.grid_search)(list(args))
+        else:
+            space[key] = getattr(tune, kind)(*args)
+    return space
+
+
+def trial_config(base: dict, params: dict[str, Any]) -> RLConfig:
+    """The base GRPO config with a trial's sampled values applied (validated)."""
+    overrides = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in params.items()]
+    return from_dict(RLConfig, apply_overrides(base, overrides)).validate()
+
+
+def _trial(params: dict[str, Any], base: dict, parent_run_id: str | None, sweep_dir: str) -> None:
+    """One Tune trial: a GRPO run in its own workdir, an MLflow child run of the sweep."""
+    from ray import tune
+
+    ctx = tune.get_context()
+    cfg = trial_config(base, params)
+    cfg.workdir = str(Path(sweep_dir) / ctx.get_trial_name())
+    cfg.name = f"trial-{ctx.get_trial_id()}"
+    cfg.resume = False
+    cfg.tracking = True
+    # Every trial logs into the sweep's tracking store (not one per trial dir).
+    os.environ.setdefault("MLFLOW_TRACKING_URI", default_tracking_uri(sweep_dir))
+    from .trainer import train_grpo
+
+    def report(metrics: dict[str, float]) -> None:
+        tune.report({k.replace("/", "_"): v for k, v in metrics.items()})
+
+    train_grpo(cfg, parent_run_id=parent_run_id, report=report)
+
+
+@dataclass
+class TrialSummary:
+    trial_id: str
+    params: dict[str, Any]
+    reward_mean: float | None
+    ocr_accuracy: float | None
+    iterations: int
+    status: str
+
+
+def run_sweep(cfg: TuneConfig, base: dict) -> list[TrialSummary]:
+    """Run the sweep; returns one summary per trial (also logged to the parent MLflow run)."""
+    from ray import tune
+    from ray.tune import PlacementGroupFactory
+    from ray.tune.schedulers import ASHAScheduler
+
+    from pipelines.runtime import init_ray
+
+    workdir = Path(cfg.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    init_ray(cfg.ray_address)
+    tracker = Tracker(default_tracking_uri(workdir), cfg.experiment, workdir / "mlartifacts")
+    parent = tracker.start(cfg.name, tags={"stage": "rl-tune"})
+    tracker.log_params(flatten({"sweep": to_dict(cfg)}))
+    tracker.log_dict({"sweep": to_dict(cfg), "base": base}, "config/rl_tune.yaml")
+
+    probe = trial_config(base, {k: _example(v) for k, v in cfg.search_space.items()})
+    w = probe.reward
+    bundles = [{"CPU": 1.0}] + [{"CPU": w.num_cpus, "GPU": w.num_gpus} if w.num_gpus else {"CPU": w.num_cpus}
+                                for _ in range(w.num_actors)]
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=base, parent_run_id=parent, sweep_dir=str(workdir)),
+        PlacementGroupFactory(bundles))
+    metric = cfg.metric.replace("/", "_")
+    tuner = tune.Tuner(
+        trainable, param_space=search_space(cfg),
+        tune_config=tune.TuneConfig(num_samples=cfg.num_samples, max_concurrent_trials=cfg.max_concurrent_trials,
+                                    scheduler=ASHAScheduler(metric=metric, mode=cfg.mode, max_t=probe.steps,
+                                                            grace_period=min(cfg.grace_period, probe.steps),
+                                                            reduction_factor=cfg.reduction_factor)),
+        run_config=tune.RunConfig(name=cfg.name, storage_path=str(workdir / "ray_results"), verbose=0),
+    )
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    summaries = []
+    for result in grid:
+        m = result.metrics or {}
+        summaries.append(TrialSummary(m.get("trial_id", "?"), dict(result.config), m.get("reward_mean"),
+                                      m.get("eval_ocr_accuracy"), int(m.get("training_iteration", 0)),
+                                      "ERROR" if result.error else "TERMINATED"))
+    tracker.log_dict([s.__dict__ for s in summaries], "trials.json")
+    done = [s.reward_mean for s in summaries if s.reward_mean is not None]
+    if done:
+        tracker.log_metrics({"best_reward_mean": max(done) if cfg.mode == "max" else min(done)})
+    tracker.end("FAILED" if any(s.status == "ERROR" for s in summaries) else "FINISHED")
+    return summaries
