@@ -168,8 +168,9 @@ def _list_new(cfg: CurationConfig, seen: set[tuple[str, str]]) -> tuple[int, lis
 
 
 def run_curation(cfg: CurationConfig, mode: str = "curate",
-                 on_shard: Callable[[dict], None] | None = None) -> CurationResult:
-    """Curate (or refresh) `cfg.output.dir`. `on_shard(entry)` is called after each shard is written."""
+                 on_shard: Callable[[dict], None] | None = None, parent_run_id: str | None = None) -> CurationResult:
+    """Curate (or refresh) `cfg.output.dir`. `on_shard(entry)` is called after each shard is written;
+    `parent_run_id` files the MLflow run under a pipeline's parent run."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
     from pipelines.tracking import tracked_run
@@ -182,7 +183,8 @@ def run_curation(cfg: CurationConfig, mode: str = "curate",
     _check_dataset(dataset, manifest, mode, encoder)
     if not cfg.tracking.enabled:
         return _run(cfg, mode, dataset, manifest, model_cfg, encoder, on_shard, tracker=None)
-    with tracked_run(cfg.tracking.workdir, mode, experiment=cfg.tracking.experiment) as tracker:
+    with tracked_run(cfg.tracking.workdir, mode, experiment=cfg.tracking.experiment,
+                     parent_run_id=parent_run_id) as tracker:
         tracker.log_params(dataclasses.asdict(cfg))
         tracker.log_dict(dataclasses.asdict(cfg), "config.yaml")
         result = _run(cfg, mode, dataset, manifest, model_cfg, encoder, on_shard, tracker)

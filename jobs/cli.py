@@ -42,7 +42,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with usage errors on one line (`lance-pipeline: error: ...`), exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"lance-pipeline: error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> Parser:

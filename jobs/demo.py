@@ -1,125 +1,233 @@
-"""`lance-pipeline demo`: the platform's main job at toy scale, on embedded defaults, offline.
+"""`lance-pipeline demo`: the platform's real pipeline at toy scale, on embedded defaults, offline.
 
-What runs today: a synthetic rendered-text corpus -> the model's own encoders (pixel VAE + ViT) ->
-mixed t2i / i2t / image-edit packs -> training of a `tiny` (or `nano`) Lance -> a checkpoint in
-the official key layout, re-loaded and checked. Stages of the full pipeline (Ray Data curation,
-Ray Train PT/CT/SFT, GRPO) plug in here as they land.
+    synthetic corpus -> curate (Ray Data) -> PT -> CT -> SFT (Ray Train) -> GRPO (Ray actors) -> summary
+
+Every stage is the production code path (`data_curation.pipeline.run_curation`,
+`pipelines.trainer.run_stage`, `rl.trainer.train_grpo`) driven by the small configs in
+`configs/demo/` (tiny preset, a few steps each); nothing here is a separate toy implementation.
+Ray is the local one sized to the machine (or RAY_ADDRESS / --address); MLflow tracks into
+`sqlite:///<workdir>/mlflow.db` (or MLFLOW_TRACKING_URI) as ONE parent run `demo` with a child run
+per stage (curate, pt, ct, sft, rl). The run ends with a table of what each stage produced and the
+`mlflow ui` command to browse it.
+
+Overrides address one stage's config: `pt.steps=10`, `rl.rollout.group_size=4`,
+`curate.encode.vae_actors=2`. All five configs are validated before the work directory is touched.
+A work directory that holds a previous demo is replaced; any other non-empty directory is refused.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import math
-import random
+import os
+import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from data_curation.synthetic import text_image_records
-from lance_model import Lance, LanceConfig
-from lance_model.encoders.vae import build_vae
-from lance_model.encoders.vit import encode_vit, vit_patches
-from lance_model.packing import pack_samples
-from lance_model.sequence import Sample, SequenceBuilder, Visual
-from lance_model.tokenizer import load_tokenizer
+from data_curation.config import CurationConfig
+from lance_model.configio import ConfigError, load_config
+from pipelines.config import StageConfig, load_stage_config
+from pipelines.tracking import Tracker, default_tracking_uri
+from rl.config import RLConfig
 
 log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "demo"
+TRAIN_STAGES = ("pt", "ct", "sft")
+STAGES = ("curate", *TRAIN_STAGES, "rl")
+MARKER = ".lance-demo"
+
+
+@dataclass
+class DemoConfigs:
+    curate: CurationConfig
+    stages: list[StageConfig]
+    rl: RLConfig
+
+
+@dataclass
+class StageSummary:
+    stage: str
+    rows: int                   # rows curated, or optimisation steps
+    amount: str                 # the same, with its unit
+    metric: str | None          # "loss" / "reward" (None for curation)
+    value: float | None         # its final value
+    output: str                 # shards or checkpoint directory
+    run_id: str | None
+
+    @property
+    def result(self) -> str:
+        if self.metric is None or self.value is None:
+            return "-"
+        return f"{self.metric} {self.value:.4f}"
 
 
 @dataclass
 class DemoResult:
-    steps: int
-    first_loss: float
-    final_loss: float
-    checkpoint: Path
+    parent_run_id: str | None
+    tracking_uri: str
+    stages: list[StageSummary]
+    checkpoint: Path  # the final (GRPO) policy, loadable with Lance.from_pretrained
     seconds: float
 
 
-def encode_records(model: Lance, records: list[dict]) -> list[Visual]:
-    """Each image -> Visual with its VAE latent and ViT tokens (the frozen encoders of `model`)."""
-    vae = build_vae(model.config.vae)
-    out = []
-    for rec in records:
-        pixels = torch.from_numpy(rec["image"].copy()).permute(2, 0, 1).float() / 255.0  # [3, H, W] in [0, 1]
-        latent = vae.encode((pixels * 2 - 1)[None, :, None])[0]  # [C, 1, h, w]
-        patches, grid = vit_patches(pixels[None], model.config.vit)
-        tokens = encode_vit(model.vit_model, patches, grid)
-        out.append(Visual(latent=latent, vit_tokens=tokens, vit_grid=tuple(grid.tolist())))
+# ------------------------------------------------------------------------------------------ configs
+def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
+    """`pt.steps=10` -> {"pt": ["steps=10"]}; every override must name a stage."""
+    out: dict[str, list[str]] = {s: [] for s in STAGES}
+    for item in overrides:
+        stage, dot, rest = item.partition(".")
+        if not dot or stage not in out or "=" not in rest:
+            raise ConfigError(f"override {item!r}: expected <stage>.key=value with <stage> one of {list(STAGES)}")
+        out[stage].append(rest)
     return out
 
 
-def make_samples(records: list[dict], visuals: list[Visual], rng: random.Random) -> list[Sample]:
-    samples = []
-    for i, (rec, vis) in enumerate(zip(records, visuals)):
-        samples.append(Sample("t2i", rec["caption"], target=vis))
-        samples.append(Sample("i2t", "What does the sign say?", answer=rec["text"], source=vis))
-        j = rng.randrange(len(records))
-        if records[j]["text"] != rec["text"]:
-            samples.append(Sample("image_edit", f'change the text to "{records[j]["text"]}"', source=vis,
-                                  target=Visual(latent=visuals[j].latent)))
-    return samples
+def load_demo_configs(workdir: Path, config_dir: Path, overrides: list[str], experiment: str) -> DemoConfigs:
+    """The five stage configs with the demo's paths filled in, each validated (no Ray, no I/O yet)."""
+    by_stage = split_overrides(overrides)
+
+    def path(name: str) -> Path:
+        file = config_dir / f"{name}.yaml"
+        if not file.is_file():
+            raise FileNotFoundError(f"demo config not found: {file}")
+        return file
+
+    curate = load_config(CurationConfig, path("curation"), [
+        f"output.dir={workdir / 'curated'}", f"tracking.workdir={workdir}", f"tracking.experiment={experiment}",
+        *by_stage["curate"]])
+    stages = [load_stage_config(path(name), [f"name={name}", *by_stage[name]], require_shards=False)
+              for name in TRAIN_STAGES]
+    rl = load_config(RLConfig, path("rl"), [f"workdir={workdir / 'rl'}", f"experiment={experiment}",
+                                             *by_stage["rl"]])
+    return DemoConfigs(curate, stages, rl)
 
 
-def run_demo(workdir: str | Path = "runs/demo", preset: str = "tiny", steps: int = 60, images: int = 8,
-             pack_size: int = 6, lr: float = 2e-3, seed: int = 0) -> DemoResult:
-    for name, value in (("steps", steps), ("images", images), ("pack_size", pack_size)):
-        if value < 1:
-            raise ValueError(f"demo: --{name.replace('_', '-')}={value}: expected a positive integer")
+def prepare_workdir(workdir: Path) -> None:
+    """Replace a previous demo; refuse to delete anything else."""
+    if workdir.exists() and any(workdir.iterdir()):
+        if not (workdir / MARKER).is_file():
+            raise ValueError(f"--workdir {workdir} is not empty and holds no previous demo; choose another --workdir")
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).write_text("written by `lance-pipeline demo`; the next demo run replaces this directory\n")
+
+
+@contextmanager
+def tracking_store(uri: str) -> Iterator[None]:
+    """Point every stage at one MLflow store for the demo (GRPO would default to its own work dir)."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+# ------------------------------------------------------------------------------------------ the run
+def run_stages(cfg: DemoConfigs, workdir: Path, parent: Tracker, experiment: str) -> tuple[list[StageSummary], Path]:
+    """curate -> PT -> CT -> SFT -> GRPO, each a child run of `parent`; returns the summaries and the
+    final policy checkpoint."""
+    from data_curation.pipeline import run_curation
+    from pipelines.trainer import run_stage
+    from rl.trainer import train_grpo
+
+    curated = run_curation(cfg.curate, "curate", parent_run_id=parent.run_id)
+    shards = Path(cfg.curate.output.dir)
+    rows = int(curated.counts.get("curated", 0))
+    summaries = [StageSummary("curate", rows, f"{rows} rows", None, None, str(shards), curated.mlflow_run_id)]
+    previous: Path | None = None
+    for stage in cfg.stages:
+        stage.data.shards = str(shards)
+        result = run_stage(stage.validate(), workdir, parent_run_id=parent.run_id,
+                           init_path=str(previous) if stage.init.kind == "previous" else None, experiment=experiment)
+        previous = result.checkpoint
+        summaries.append(StageSummary(stage.name, result.steps, f"{result.steps} steps", "loss", result.final_loss,
+                                      str(result.checkpoint), result.run_id))
+    cfg.rl.policy.checkpoint = str(previous)
+    rl = train_grpo(cfg.rl, parent_run_id=parent.run_id)
+    summaries.append(StageSummary("rl", rl.steps, f"{rl.steps} steps", "reward", rl.metrics.get("reward_mean"),
+                                  str(rl.checkpoint), rl.run_id))
+    return summaries, rl.checkpoint
+
+
+def run_demo(workdir: str | Path = "runs/demo", config_dir: str | Path = CONFIG_DIR,
+             overrides: list[str] | None = None, experiment: str = "lance") -> DemoResult:
+    from pipelines.runtime import init_ray
+
     start = time.time()
-    workdir = Path(workdir)
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    config = LanceConfig.from_preset(preset, freeze_embeddings=False, freeze_lm_head=False)
-    model = Lance(config)
-    model.init_weights()
-    stride = math.lcm(config.vit.stride, config.vae.spatial_stride)  # image sides fit both encoders
-    records = text_image_records(images, 2 * stride, 3 * stride, seed=seed)
-    samples = make_samples(records, encode_records(model, records), rng)
-    builder = SequenceBuilder(load_tokenizer(config.tokenizer), config.vit.spatial_merge_size)
-    log.info("demo: %d samples (t2i / i2t / image_edit) from %d rendered-text images", len(samples), images)
+    workdir = Path(workdir).resolve()
+    cfg = load_demo_configs(workdir, Path(config_dir), list(overrides or []), experiment)
+    prepare_workdir(workdir)
+    uri = default_tracking_uri(workdir)
+    with tracking_store(uri):
+        # RAY_ADDRESS (set by --address or inside a Ray job), else a local Ray sized to the machine.
+        ray_mode = init_ray()
+        try:
+            parent = Tracker(uri, experiment, workdir / "mlartifacts")
+            parent.start("demo", tags={"pipeline": "demo"})
+            parent.log_dict({"curate": cfg.curate, "stages": cfg.stages, "rl": cfg.rl}, "config/demo.yaml")
+            try:
+                summaries, checkpoint = run_stages(cfg, workdir, parent, experiment)
+            except BaseException:
+                parent.end("FAILED")
+                raise
+            seconds = time.time() - start
+            table = [{**s.__dict__, "result": s.result} for s in summaries]
+            parent.log_metrics({"demo_seconds": seconds, "curate/rows": summaries[0].rows,
+                                **{f"{s.stage}/final_{s.metric}": s.value for s in summaries if s.metric}})
+            parent.log_dict(table, "summary.json")
+            parent.set_tags({"checkpoint": str(checkpoint)})
+            parent.end("FINISHED")
+        finally:
+            if ray_mode != "existing":
+                import ray
 
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95))
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
-    bar = tqdm(range(steps), desc=f"train {preset}", unit="step")
-    for _ in bar:
-        batch = pack_samples(rng.sample(samples, min(pack_size, len(samples))), builder, config,
-                             config.caption_dropout, config.condition_dropout, rng)
-        out = model(batch, generator=gen)
-        opt.zero_grad()
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(out.loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", ce=f"{out.ce.item():.3f}", mse=f"{out.mse.item():.3f}")
+                ray.shutdown()  # also stops the workers' log stream, so the summary prints last
+    (workdir / "summary.json").write_text(json.dumps(table, indent=2))
+    return DemoResult(parent.run_id, uri, summaries, checkpoint, seconds)
 
-    ckpt = workdir / "checkpoints" / "final"
-    model.save_pretrained(ckpt)
-    reloaded = Lance.from_pretrained(ckpt)
-    for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
-        if not torch.equal(a, b):
-            raise RuntimeError(f"checkpoint round trip changed {name}")
-    window = max(1, min(10, steps // 4))
-    return DemoResult(steps, sum(losses[:window]) / window, sum(losses[-window:]) / window, ckpt, time.time() - start)
+
+def print_summary(r: DemoResult, workdir: Path) -> None:
+    print(f"\n{'stage':<7} {'rows/steps':>11}  {'final loss/reward':<18} output")
+    for s in r.stages:
+        print(f"{s.stage:<7} {s.amount:>11}  {s.result:<18} {s.output}")
+    embedded = r.tracking_uri == f"sqlite:///{workdir / 'mlflow.db'}"
+    print(f"\nMLflow {r.tracking_uri}: parent run 'demo' ({r.parent_run_id}) with child runs "
+          f"{', '.join(s.stage for s in r.stages)}; artifacts (configs, reports, sample grids) "
+          f"{'under ' + str(workdir / 'mlartifacts') if embedded else 'in the tracking server'}")
+    print(f"final policy: Lance.from_pretrained('{r.checkpoint}'); try "
+          f"`lance-pipeline generate --checkpoint {r.checkpoint} --task t2i --prompt 'a sign that says \"OPEN\"' "
+          f"--height 32 --width 32 --steps 8 --out {workdir / 'samples'}`")
+    print(f"done in {r.seconds:.0f} s. Browse the runs with:\n  mlflow ui --backend-store-uri {r.tracking_uri}")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    r = run_demo(workdir=args.workdir, preset=args.preset, steps=args.steps, images=args.images, seed=args.seed)
-    print(f"\n{'stage':<8} {'steps':>6} {'first loss':>11} {'final loss':>11}  checkpoint")
-    print(f"{'train':<8} {r.steps:>6} {r.first_loss:>11.4f} {r.final_loss:>11.4f}  {r.checkpoint}")
-    print(f"done in {r.seconds:.1f} s; the checkpoint loads with Lance.from_pretrained('{r.checkpoint}')")
+    result = run_demo(args.workdir, args.config_dir, args.overrides, args.experiment)
+    print_summary(result, Path(args.workdir).resolve())
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the end-to-end demo at toy scale (CPU, offline)",
-                       description="Synthetic corpus -> encoders -> training -> checkpoint, on embedded defaults.")
-    p.add_argument("--workdir", default="runs/demo", help="where checkpoints and logs go (default: runs/demo)")
-    p.add_argument("--preset", default="tiny", choices=["tiny", "nano"], help="model preset (default: tiny)")
-    p.add_argument("--steps", type=int, default=60, help="training steps (default: 60)")
-    p.add_argument("--images", type=int, default=8, help="synthetic images to render (default: 8)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p = sub.add_parser(
+        "demo", help="run the whole pipeline at toy scale: curate -> PT -> CT -> SFT -> GRPO (CPU, offline)",
+        description="The real pipeline at toy scale on embedded defaults: synthetic corpus -> curate (Ray Data) "
+                    "-> PT -> CT -> SFT (Ray Train) -> GRPO (OCR reward actors), one parent MLflow run with a "
+                    "child run per stage, then a summary table and the `mlflow ui` command.")
+    p.add_argument("--workdir", default="runs/demo",
+                   help="shards, checkpoints, MLflow store and artifacts (default: runs/demo; a previous demo "
+                        "there is replaced)")
+    p.add_argument("--config-dir", default=str(CONFIG_DIR),
+                   help="directory with curation.yaml, pt.yaml, ct.yaml, sft.yaml, rl.yaml "
+                        "(default: the repository's configs/demo)")
+    p.add_argument("--experiment", default="lance", help="MLflow experiment (default: lance)")
+    p.add_argument("overrides", nargs="*", metavar="stage.key=value",
+                   help="override one stage's config, stage in curate/pt/ct/sft/rl: pt.steps=10 "
+                        "rl.rollout.group_size=4 curate.encode.vae_actors=2")
     p.set_defaults(func=cmd_demo)

@@ -29,7 +29,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, runtime_en
             raise RayUnavailableError(f"cannot connect to Ray at {address}: {exc}".splitlines()[0]) from exc
         log.info("connected to Ray cluster at %s", address)
         return f"cluster {address}"
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=runtime_env,
-             log_to_driver=True, configure_logging=False)
+    # address="local": always a new local instance, never a cluster another `ray start` left behind
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+             runtime_env=runtime_env, log_to_driver=True, configure_logging=False)
     log.info("started local Ray with %s CPUs", num_cpus or os.cpu_count())
     return "local"

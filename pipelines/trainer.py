@@ -36,8 +36,14 @@ class StageResult:
 
 
 def shard_files(path: str | Path) -> list[str]:
+    """A shard file, a directory of shards, or a curated dataset root (its manifest lists the shards;
+    the ledger and quarantine tables beside them are not training data)."""
     path = Path(path)
-    files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        files = [path / entry["path"] for entry in json.loads(manifest.read_text()).get("shards", [])]
+    else:
+        files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"data.shards: no Parquet shards under {path}")
     for f in files:

@@ -1,0 +1,91 @@
+"""`lance-pipeline demo` end to end, as a user runs it (a subprocess with a local Ray), then
+`lance-pipeline generate` from its final checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from lance_model import Lance
+from pipelines.tracking import PARENT_TAG
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+CHILDREN = {"curate", "pt", "ct", "sft", "rl"}
+
+
+def cli(*args: str, timeout: int) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+    assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo")
+    proc = cli("demo", "--workdir", str(workdir), timeout=1500)
+    return workdir, proc.stdout
+
+
+def test_demo_tracks_one_parent_and_five_stage_runs(demo):
+    workdir, out = demo
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    assert f"mlflow ui --backend-store-uri {uri}" in out
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("lance").experiment_id])
+    parents = [r for r in runs if r.info.run_name == "demo"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    children = {r.info.run_name: r for r in runs if r.data.tags.get(PARENT_TAG) == parent.info.run_id}
+    assert set(children) == CHILDREN and len(runs) == 6
+    for name, run in children.items():
+        assert run.info.status == "FINISHED", name
+        assert run.data.params, name
+        assert run.data.metrics, name
+        assert client.list_artifacts(run.info.run_id), name
+    assert children["curate"].data.metrics["curated"] > 0
+    for name in ("pt", "ct", "sft"):
+        losses = [m.value for m in client.get_metric_history(children[name].info.run_id, "loss")]
+        assert losses and all(np.isfinite(losses)), name
+    assert "reward_mean" in children["rl"].data.metrics
+    assert any(a.path == "samples" for a in client.list_artifacts(children["rl"].info.run_id))
+    assert {"curate/rows", "pt/final_loss", "rl/final_reward", "demo_seconds"} <= set(parent.data.metrics)
+
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert [s["stage"] for s in summary] == ["curate", "pt", "ct", "sft", "rl"]
+    assert [s["run_id"] for s in summary] == [children[s["stage"]].info.run_id for s in summary]
+    for stage in ("curate", "pt", "ct", "sft", "rl"):  # the printed table names every stage's output
+        line = next(line for line in out.splitlines() if line.startswith(f"{stage} "))
+        assert str(workdir) in line
+
+
+def test_demo_checkpoints_load(demo):
+    workdir, _ = demo
+    summary = json.loads((workdir / "summary.json").read_text())
+    for entry in summary[1:]:
+        model = Lance.from_pretrained(entry["output"])
+        assert all(torch.isfinite(p).all() for p in model.parameters()), entry["stage"]
+    rl = Path(summary[-1]["output"])
+    assert rl.parent == workdir / "rl" / "checkpoints" and (rl / "trainer_state.pt").is_file()
+
+
+def test_generate_an_image_from_the_final_checkpoint(demo, tmp_path):
+    workdir, _ = demo
+    checkpoint = json.loads((workdir / "summary.json").read_text())[-1]["output"]
+    cli("generate", "--checkpoint", checkpoint, "--task", "t2i", "--prompt", 'a sign that says "OPEN"',
+        "--height", "32", "--width", "32", "--steps", "4", "--out", str(tmp_path), timeout=600)
+    image = np.asarray(Image.open(tmp_path / "000_t2i.png"))
+    assert image.shape == (32, 32, 3) and image.std() > 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results[0]["file"] == "000_t2i.png" and results[0]["task"] == "t2i"
