@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 DEFAULT_EXPERIMENT = "lance"
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LEN = 6000
+LOCK_RETRIES = 8
 
 
 def default_tracking_uri(workdir: str | Path) -> str:
@@ -59,11 +61,17 @@ class Tracker:
     def _call(self, what: str, fn, *args, **kwargs):
         if self._failed or self.run_id is None and what != "start":
             return None
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - any backend failure: report once, keep working
-            self._fail(what, exc)
-            return None
+        for attempt in range(LOCK_RETRIES + 1):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - any backend failure: report once, keep working
+                # SQLite allows one writer at a time: processes logging at once (Ray workers, Tune
+                # trials) briefly see "database is locked", which is worth waiting out.
+                if "locked" in str(exc).lower() and attempt < LOCK_RETRIES:
+                    time.sleep(0.2 * (attempt + 1))
+                    continue
+                self._fail(what, exc)
+                return None
 
     @property
     def client(self):
@@ -110,8 +118,6 @@ class Tracker:
             self._call("log_params", self.client.log_batch, self.run_id, params=items[i:i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
