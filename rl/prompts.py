@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from .rewards import PromptError, target_text
+from .rewards import PromptError, check_prompts
 
 WORDS = ("OPEN", "STOP", "EXIT", "SALE", "CAFE", "HELLO", "LANCE", "RAY", "DATA", "PARK", "TAXI", "BOOKS")
 TEMPLATES = (
@@ -31,15 +31,7 @@ def load_prompt_file(path: str | Path) -> list[str]:
     prompts = [(i, line) for i, line in lines if line]
     if not prompts:
         raise PromptError(f"prompt file {path} has no prompts")
-    bad = []
-    for i, prompt in prompts:
-        try:
-            target_text(prompt)
-        except PromptError:
-            bad.append(f"line {i}: {prompt!r}")
-    if bad:
-        shown = "; ".join(bad[:10]) + (f"; ... (+{len(bad) - 10})" if len(bad) > 10 else "")
-        raise PromptError(f"prompt file {path}: {len(bad)} line(s) without a double-quoted target text: {shown}")
+    check_prompts([p for _, p in prompts], [f"line {i}" for i, _ in prompts], source=f"prompt file {path}: ")
     return [p for _, p in prompts]
 
 

@@ -44,17 +44,19 @@ def target_text(prompt: str) -> str:
     return match.group(1)
 
 
-def check_prompts(prompts: Sequence[str]) -> None:
-    """Reject, before any work, every prompt the OCR reward cannot score (all named at once)."""
+def check_prompts(prompts: Sequence[str], labels: Sequence[str] | None = None, source: str = "") -> None:
+    """Reject, before any work, every prompt the OCR reward cannot score (all named at once, by
+    `labels` when given, e.g. file line numbers, else by index; `source` prefixes the message)."""
+    labels = labels if labels is not None else [f"#{i}" for i in range(len(prompts))]
     bad = []
-    for i, p in enumerate(prompts):
+    for label, p in zip(labels, prompts):
         try:
             target_text(p)
         except PromptError:
-            bad.append(f"#{i}: {p!r}")
+            bad.append(f"{label}: {p!r}")
     if bad:
         shown = "; ".join(bad[:10]) + (f"; ... (+{len(bad) - 10})" if len(bad) > 10 else "")
-        raise PromptError(f"{len(bad)} prompt(s) without a double-quoted target text: {shown}")
+        raise PromptError(f"{source}{len(bad)} prompt(s) without a double-quoted target text: {shown}")
 
 
 def normalize_text(text: str) -> str:

@@ -38,3 +38,20 @@ def test_extra_surrounding_text_still_scores_one(scored):
     assert len(scored.texts[3].replace(" ", "")) > len("helloworld")
     assert scored.components["ocr"][3] == 1.0
     assert scored.failures == 0
+
+
+def test_prompt_file_names_bad_lines(tmp_path):
+    import pytest
+
+    from rl.prompts import load_prompt_file
+    from rl.rewards import PromptError
+
+    good = tmp_path / "good.txt"
+    good.write_text('a sign that says "OPEN"\n\nA poster reading "SALE"\n')
+    assert load_prompt_file(good) == ['a sign that says "OPEN"', 'A poster reading "SALE"']
+    bad = tmp_path / "bad.txt"
+    bad.write_text('a sign that says "OPEN"\na sign with no quotes\n\nanother one\n')
+    with pytest.raises(PromptError, match=r"bad\.txt: 2 prompt\(s\).*line 2: 'a sign with no quotes'.*line 4"):
+        load_prompt_file(bad)
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        load_prompt_file(tmp_path / "missing.txt")
