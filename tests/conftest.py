@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import sys
 
 import pytest
 import torch
@@ -9,6 +10,16 @@ import torch
 from lance_model import Lance, LanceConfig
 from lance_model.sequence import Sample, SequenceBuilder, Visual
 from lance_model.tokenizer import ByteTokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_ray_left_behind():
+    """A test module that started a local Ray in this process shuts it down: a lingering instance
+    holds Ray's default per-node ports, which a later test's own Ray head needs."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture

@@ -60,7 +60,11 @@ def ray_head():
         proc = subprocess.Popen(
             ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true",
-             "--num-cpus", "2", "--temp-dir", temp_dir, "--disable-usage-stats"],
+             "--num-cpus", "2", "--temp-dir", temp_dir, "--disable-usage-stats",
+             # every per-node port of its own: another Ray on this machine (a test's local Ray)
+             # holds the defaults, e.g. the dashboard agent's 52365
+             "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+             "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
     try:
