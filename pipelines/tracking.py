@@ -108,6 +108,21 @@ class Tracker:
     def end(self, status: str = "FINISHED") -> None:
         self._call("end", self.client.set_terminated, self.run_id, status=status)
 
+    def end_open_children(self, status: str, tags: dict[str, str] | None = None) -> list[str]:
+        """End every child run of this run that is still RUNNING (e.g. trials whose process was
+        stopped from outside before it could end its own run); returns their run ids."""
+        def _end():
+            runs = self.client.search_runs([self._experiment_id()],
+                                           filter_string=f"tags.`{PARENT_TAG}` = '{self.run_id}' "
+                                                         "and attributes.status = 'RUNNING'")
+            for run in runs:
+                for k, v in (tags or {}).items():
+                    self.client.set_tag(run.info.run_id, k, v)
+                self.client.set_terminated(run.info.run_id, status=status)
+            return [r.info.run_id for r in runs]
+
+        return self._call("end_open_children", _end) or []
+
     # ------------------------------------------------------------------ logging
     def log_params(self, params: Any) -> None:
         from mlflow.entities import Param

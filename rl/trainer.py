@@ -362,8 +362,21 @@ def train_grpo(cfg: RLConfig, parent_run_id: str | None = None,
     trainer = GrpoTrainer(cfg)
     tracker = None
     history: list[dict[str, float]] = []
-    stopped_by_report = False
     checkpoint = None
+    finished = False
+
+    def finish() -> None:
+        """End the MLflow run and free the reward actors. Runs *before* the last `report()`: Ray Tune
+        stops a trial's actor as soon as its final result arrives and does not wait for the trial
+        function to return, so nothing after that call is guaranteed to run."""
+        nonlocal finished
+        finished = True
+        trainer.close()
+        if tracker is not None:
+            if checkpoint is not None:
+                tracker.set_tags({"checkpoint": str(checkpoint)})
+            tracker.end("FINISHED")
+
     try:
         latest = latest_checkpoint(workdir) if cfg.resume else None
         if latest is not None:
@@ -394,23 +407,20 @@ def train_grpo(cfg: RLConfig, parent_run_id: str | None = None,
                     _save_png(grid, image_grid(images, cfg.rollout.group_size))
                     tracker.log_artifact(grid, "samples")
                     tracker.log_dict(records, f"samples/step-{step:06d}.json")
+            if step == cfg.steps:
+                finish()
             if report is not None:
-                stopped_by_report = True  # Ray Tune ends a trial it stops (ASHA, max_t) inside report()
+                # A trial that Tune stops early (ASHA) never returns from here; the sweep driver
+                # ends its MLflow run as KILLED once the sweep is over.
                 report(metrics)
-                stopped_by_report = False
+        if not finished:  # resumed at or past cfg.steps: nothing ran
+            finish()
     except BaseException:
-        if tracker is not None:
-            if stopped_by_report:
-                tracker.set_tags({"stopped_by": "tune", "checkpoint": str(checkpoint)})
-            status = "FAILED" if not stopped_by_report else "FINISHED" if trainer.step >= cfg.steps else "KILLED"
-            tracker.end(status)
+        if not finished:
+            trainer.close()
+            if tracker is not None:
+                tracker.end("FAILED")
         raise
-    finally:
-        trainer.close()
-    if tracker is not None:
-        if checkpoint is not None:
-            tracker.set_tags({"checkpoint": str(checkpoint)})
-        tracker.end("FINISHED")
     return RLResult(trainer.step, history[-1] if history else {}, checkpoint,
                     tracker.run_id if tracker else None, history)
 

@@ -175,6 +175,10 @@ def run_sweep(cfg: TuneConfig, base: dict) -> list[TrialSummary]:
     except BaseException:
         tracker.end("FAILED")
         raise
+    # A trial that ASHA stopped early was ended inside its `report()` and never closed its run.
+    stopped = tracker.end_open_children("KILLED", {"stopped_by": "tune"})
+    if stopped:
+        log.info("%d trial run(s) stopped early by the scheduler, marked KILLED", len(stopped))
     summaries = []
     for result in grid:
         m = result.metrics or {}

@@ -63,3 +63,20 @@ def test_unreachable_backend_warns_once_and_work_goes_on(caplog, monkeypatch):
         tracker.end()
     warnings = [r for r in caplog.records if "MLflow tracking" in r.getMessage()]
     assert len(warnings) == 1 and "goes on without tracking" in warnings[0].getMessage()
+
+
+def test_end_open_children_closes_only_runs_left_running(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with tracked_run(tmp_path, "sweep") as parent:
+        with tracked_run(tmp_path, "done", parent_run_id=parent.run_id) as done:
+            pass
+        abandoned = Tracker(default_tracking_uri(tmp_path))
+        abandoned.start("abandoned", parent_run_id=parent.run_id)
+        other = Tracker(default_tracking_uri(tmp_path))
+        other.start("unrelated")  # RUNNING, but not a child of the sweep
+        assert parent.end_open_children("KILLED", {"stopped_by": "tune"}) == [abandoned.run_id]
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    assert client.get_run(done.run_id).info.status == "FINISHED"
+    killed = client.get_run(abandoned.run_id)
+    assert killed.info.status == "KILLED" and killed.data.tags["stopped_by"] == "tune"
+    assert client.get_run(other.run_id).info.status == "RUNNING"
