@@ -14,7 +14,7 @@ import time
 
 from data_curation.config import CurationConfig
 from data_curation.pipeline import run_curation
-from lance_model.configio import load_config
+from lance_platform.config import load_config
 
 
 def config(out: str, images: int, videos: int, num_cpus: int) -> CurationConfig:

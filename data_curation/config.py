@@ -1,7 +1,7 @@
 """The curation config: typed dataclasses loaded from `configs/curation/*.yaml` plus CLI overrides.
 
 One `CurationConfig` drives a whole run (`curate` or `refresh`). It is loaded with the shared
-`lance_model.configio.load_config` (unknown keys and bad values fail before any work starts, naming
+`lance_platform.config.load_config` (unknown keys and bad values fail before any work starts, naming
 the field) and logged, resolved, as the MLflow run's params. The encoders are NOT described here:
 they come from a model preset or checkpoint (`model`), so curated latents always match the model
 that trains on them; only how they are run (batch sizes, pool sizes, GPUs) is configured.
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lance_model.configio import ConfigError
+from lance_platform.config import ConfigError
 
 SOURCE_KINDS = ("folder", "webdataset", "parquet", "synthetic")
 PARQUET_LAYOUTS = ("t2i", "t2v", "i2i", "v2v", "i2t", "v2t")
@@ -57,6 +57,12 @@ def _non_negative(name: str, value: Any) -> None:
 def _positive_int(name: str, value: Any) -> None:
     _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value,
              "a positive integer")
+
+
+def ocr_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("rapidocr") is not None and importlib.util.find_spec("onnxruntime") is not None
 
 
 @dataclass
@@ -179,8 +185,6 @@ class FilterConfig:
             _require(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1,
                      f"filters.{name}", value, "a fraction in [0, 1]")
         if self.text_density_on:
-            from data_curation.filters import ocr_available
-
             _require(ocr_available(), "filters.min_text_density/max_text_density",
                      (self.min_text_density, self.max_text_density),
                      "0 here: the OCR text-density filter needs rapidocr + onnxruntime, which are not installed")
@@ -278,7 +282,7 @@ class CurationConfig:
     num_cpus: int | None = None
 
     def __post_init__(self) -> None:
-        from lance_model.configio import from_dict
+        from lance_platform.config import from_dict
 
         self.sources = tuple(s if isinstance(s, SourceConfig) else from_dict(SourceConfig, s, f"sources.{i}.")
                              for i, s in enumerate(self.sources))

@@ -166,12 +166,6 @@ OCR_MAX_SIDE = 640       # the detector sees the frame scaled down to this long 
 _ocr_detector = None     # one per process, made on first use
 
 
-def ocr_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("rapidocr") is not None and importlib.util.find_spec("onnxruntime") is not None
-
-
 def _detector():
     """RapidOCR with detection only, from the det model shipped in its wheel (it never downloads)."""
     global _ocr_detector

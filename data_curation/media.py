@@ -9,7 +9,10 @@ code; the pipeline turns it into a quarantine row, so one bad file never stops a
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import tempfile
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +20,29 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".webm", ".mkv", ".avi")
+
+
+TEXT_FIELDS = ("caption", "question", "answer")
+
+
+@dataclass
+class Fetched:
+    """One item's raw bytes as read from its source, before decoding."""
+
+    media: dict[str, tuple[bytes, str | None]]   # slot -> (bytes, "image" | "video" | None)
+    text: dict[str, bytes | None]                # caption / question / answer as raw bytes
+
+    def sample_id(self) -> str:
+        h = hashlib.sha256()
+        for slot in ("target", "source"):
+            data = self.media.get(slot, (b"", None))[0]
+            h.update(f"{slot}:{len(data)}:".encode())
+            h.update(data)
+        for name in TEXT_FIELDS:
+            raw = self.text.get(name)
+            h.update(f"{name}:{-1 if raw is None else len(raw)}:".encode())
+            h.update(raw or b"")
+        return h.hexdigest()[:32]
 
 
 class MediaError(ValueError):
@@ -141,8 +167,26 @@ def decode_text(raw: bytes | None, field_name: str, required: bool, max_chars: i
 def encode_pixels(frames: np.ndarray, is_video: bool, fps: float) -> bytes:
     """Frames [F, H, W, 3] uint8 -> PNG bytes (an image) or H.264 MP4 bytes at `fps` (a video): the
     optional `<slot>_pixels` of a shard row, for evaluation."""
-    from data_curation.synthetic import encode_image, encode_video
-
     if not is_video:
         return encode_image(frames[0], "PNG")
     return encode_video(frames, fps)
+
+
+def encode_image(image: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def encode_video(frames: np.ndarray, fps: float) -> bytes:
+    """H.264 MP4 bytes (imageio-ffmpeg writes to a file, so go through a temporary one)."""
+    import imageio.v2 as iio
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "clip.mp4"
+        writer = iio.get_writer(path, fps=fps, codec="libx264", macro_block_size=1, ffmpeg_log_level="error",
+                                output_params=["-crf", "18"], pixelformat="yuv420p")
+        for frame in frames:
+            writer.append_data(frame)
+        writer.close()
+        return path.read_bytes()

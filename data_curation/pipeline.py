@@ -65,7 +65,7 @@ class CurationResult:
 def _ray_data(cfg: CurationConfig):
     import ray
 
-    from pipelines.runtime import init_ray
+    from lance_platform.runtime import init_ray
 
     init_ray(cfg.ray_address, num_cpus=cfg.num_cpus)
     ctx = ray.data.DataContext.get_current()
@@ -173,7 +173,7 @@ def run_curation(cfg: CurationConfig, mode: str = "curate",
     `parent_run_id` files the MLflow run under a pipeline's parent run."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
-    from pipelines.tracking import tracked_run
+    from lance_platform.tracking import tracked_run
 
     dataset = CuratedDataset(cfg.output.dir)
     model_cfg = model_config(cfg.model)

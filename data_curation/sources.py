@@ -30,10 +30,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from data_curation.config import SourceConfig
-from data_curation.media import MediaError, media_kind
+from data_curation.media import TEXT_FIELDS, Fetched, MediaError, media_kind
 
 UNDERSTANDING_TASKS = ("i2t", "v2t")
-TEXT_FIELDS = ("caption", "question", "answer")
 CAPTION_FILE_EXTENSIONS = (".txt", ".json", ".jsonl", ".csv", ".parquet")
 # Official Lance Parquet layouts: column -> (slot, media kind) and text columns -> our text fields.
 PARQUET_MEDIA = {
@@ -64,24 +63,6 @@ class SourceItem:
     fingerprint: str
     task: str
     locator: str  # JSON
-
-
-@dataclass
-class Fetched:
-    media: dict[str, tuple[bytes, str | None]]   # slot -> (bytes, "image" | "video" | None)
-    text: dict[str, bytes | None]                # caption / question / answer as raw bytes
-
-    def sample_id(self) -> str:
-        h = hashlib.sha256()
-        for slot in ("target", "source"):
-            data = self.media.get(slot, (b"", None))[0]
-            h.update(f"{slot}:{len(data)}:".encode())
-            h.update(data)
-        for name in TEXT_FIELDS:
-            raw = self.text.get(name)
-            h.update(f"{name}:{-1 if raw is None else len(raw)}:".encode())
-            h.update(raw or b"")
-        return h.hexdigest()[:32]
 
 
 # ---------------------------------------------------------------------------------------- filesystems

@@ -39,7 +39,7 @@ from data_curation.filters import (
     text_density,
 )
 from data_curation.media import Decoded, MediaError, check_size, decode_media, decode_text, encode_pixels
-from data_curation.schema import SLOTS, tensor_to_bytes
+from lance_platform.schema import SLOTS, tensor_to_bytes
 from data_curation.sources import TEXT_FIELDS, UNDERSTANDING_TASKS, Fetcher, main_slot
 
 EMPTY_FRAMES = np.zeros((0, 0, 0, 3), dtype=np.uint8)

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_curation.dedup import Candidate
-from data_curation.schema import SCHEMA_VERSION, write_shard
+from lance_platform.schema import SCHEMA_VERSION, write_shard
 
 log = logging.getLogger(__name__)
 

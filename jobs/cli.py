@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from lance_model.checkpoint import CheckpointError
 from lance_model.config import ConfigError
-from pipelines.runtime import RayUnavailableError
+from lance_platform.runtime import RayUnavailableError
 from rl.ocr import OcrEngineUnavailable
 
 # Mistakes a user fixes (config values, paths, a checkpoint or OCR model dir, the cluster address).

@@ -10,7 +10,7 @@ import argparse
 
 from data_curation.config import CurationConfig
 from data_curation.pipeline import run_curation
-from lance_model.configio import load_config
+from lance_platform.config import load_config
 
 
 def cmd_curate(args: argparse.Namespace) -> int:

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_curation.config import CurationConfig
-from lance_model.configio import ConfigError, load_config
+from lance_platform.config import ConfigError, load_config
 from pipelines.config import StageConfig, load_stage_config
-from pipelines.tracking import Tracker, default_tracking_uri
+from lance_platform.tracking import Tracker, default_tracking_uri
 from rl.config import RLConfig
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def run_stages(cfg: DemoConfigs, workdir: Path, parent: Tracker, experiment: str
 
 def run_demo(workdir: str | Path = "runs/demo", config_dir: str | Path = CONFIG_DIR,
              overrides: list[str] | None = None, experiment: str = "lance") -> DemoResult:
-    from pipelines.runtime import init_ray
+    from lance_platform.runtime import init_ray
 
     start = time.time()
     workdir = Path(workdir).resolve()

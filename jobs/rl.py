@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from lance_model.configio import load_config
+from lance_platform.config import load_config
 
 
 def cmd_rl(args: argparse.Namespace) -> int:

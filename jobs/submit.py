@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.runtime import RayUnavailableError
+from lance_platform.runtime import RayUnavailableError
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 # Never uploaded: run outputs, tracking stores, caches, VCS data, large binaries.

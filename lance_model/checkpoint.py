@@ -6,11 +6,11 @@
   (Qwen2.5-VL style: text fields, `rope_scaling.mrope_section`, the special-token ids and a full
   `vision_config`) so the directory also loads in the official inference code and, without our
   `lance_config.json`, back into this one with the same text and ViT shapes.
-- `load_pretrained`: our directories and the released `Lance_3B` / `Lance_3B_Video` ones
+- `read_pretrained` (behind `Lance.from_pretrained`): our directories and the released `Lance_3B` / `Lance_3B_Video` ones
   (`model.safetensors` or `ema.safetensors`, `llm_config.json`; the ViT may sit in a separate
   `vit.safetensors` with bare keys). The model is built on the meta device and the tensors are
   assigned, so a 6B-parameter checkpoint needs no extra copy in memory.
-- `init_from_qwen25vl`: a fresh Lance from a Qwen2.5-VL checkpoint (HF layout, old or new key
+- `read_qwen25vl` + `fill_from_qwen25vl` (behind `Lance.from_qwen25vl`): a fresh Lance from a Qwen2.5-VL checkpoint (HF layout, old or new key
   style): `visual.*` -> `vit_model.*`, the language model -> `language_model.*`, and every
   generation-expert weight copied from its understanding twin.
 
@@ -35,7 +35,6 @@ from .config import (
     vit_config_from_qwen25vl,
     vit_config_to_qwen25vl,
 )
-from .model import Lance
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +114,7 @@ def check_and_report(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
     return report
 
 
-def assign_state(model: Lance, state: dict[str, torch.Tensor], source: str, strict: bool = True,
+def assign_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, strict: bool = True,
                  dtype: torch.dtype | None = None) -> LoadReport:
     """Load `state` into `model` (which may live on the meta device). Missing keys are an error
     when `strict`; unknown keys are reported and ignored."""
@@ -140,7 +139,7 @@ def assign_state(model: Lance, state: dict[str, torch.Tensor], source: str, stri
     return report
 
 
-def materialize(model: Lance, device: torch.device | str, dtype: torch.dtype | None = None) -> None:
+def materialize(model: torch.nn.Module, device: torch.device | str, dtype: torch.dtype | None = None) -> None:
     """Give real storage to what a checkpoint does not carry: the latent position table and
     non-persistent buffers (e.g. the ViT rotary frequencies)."""
     device = torch.device(device)
@@ -174,8 +173,10 @@ def resolve_weights_file(directory: Path, weights: str) -> Path:
     raise FileNotFoundError(f"no weights file in {directory}: looked for {', '.join(names)}")
 
 
-def load_pretrained(directory: str | Path, weights: str = "auto", device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None, vit_weights: str | Path | None = None) -> Lance:
+def read_pretrained(directory: str | Path, weights: str = "auto", device: str | torch.device = "cpu",
+                    vit_weights: str | Path | None = None) -> tuple[LanceConfig, dict[str, torch.Tensor], Path]:
+    """(config, official-layout tensors, weights file) of a Lance checkpoint directory; `Lance.from_pretrained`
+    builds the model on the meta device and assigns them."""
     directory = Path(directory)
     config = LanceConfig.from_pretrained(directory)
     path = resolve_weights_file(directory, weights)
@@ -187,11 +188,7 @@ def load_pretrained(directory: str | Path, weights: str = "auto", device: str | 
         vit_path = Path(vit_weights) if vit_weights else directory / "vit.safetensors"
         if vit_path.is_file():
             state.update({VIT_PREFIX + _strip_vit_prefix(k): v for k, v in read_tensors(vit_path, device).items()})
-    with torch.device("meta"):
-        model = Lance(config)
-    assign_state(model, state, str(path), strict=True, dtype=dtype)
-    materialize(model, device, dtype)
-    return model
+    return config, state, path
 
 
 def _strip_vit_prefix(key: str) -> str:
@@ -238,7 +235,7 @@ def _token_ids(config: LanceConfig) -> dict[str, int]:
             "video_token_id": tok.special_id(VIDEO_PAD)}
 
 
-def save_pretrained(model: Lance, directory: str | Path, filename: str = "model.safetensors",
+def save_pretrained(model: torch.nn.Module, directory: str | Path, filename: str = "model.safetensors",
                     state: dict[str, torch.Tensor] | None = None) -> Path:
     """Atomic write of weights + configs. `state` overrides the weights (e.g. an EMA copy)."""
     return save_state(model.config, model.state_dict() if state is None else state, directory, filename)
@@ -296,7 +293,7 @@ def config_from_qwen25vl(directory: Path, base: LanceConfig | None = None) -> La
     # transformers 4 keeps the text fields flat; transformers 5 nests them under `text_config`.
     config.text = text_config_from_qwen2({**raw, **text} if isinstance(text, dict) else raw)
     # Lance's lm_head is untied (official: tie_word_embeddings forced False); a tied source's head
-    # is initialised from its embedding in `init_from_qwen25vl`.
+    # is initialised from its embedding in `fill_from_qwen25vl`.
     config.text.tie_word_embeddings = False
     if isinstance(raw.get("vision_config"), dict):
         config.vit = vit_config_from_qwen25vl(raw["vision_config"])
@@ -304,31 +301,32 @@ def config_from_qwen25vl(directory: Path, base: LanceConfig | None = None) -> La
     return config.validate()
 
 
-def init_from_qwen25vl(directory: str | Path, config: LanceConfig | None = None,
-                       device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                       seed: int = 0) -> Lance:
-    """A Lance whose und expert and ViT come from a Qwen2.5-VL checkpoint and whose gen expert is a
-    copy of the und expert. Weights Qwen2.5-VL lacks (q/k norms, latent heads) keep a fresh init."""
+def read_qwen25vl(directory: str | Path, config: LanceConfig | None = None, device: str | torch.device = "cpu"
+                  ) -> tuple[LanceConfig, dict[str, torch.Tensor], list[str]]:
+    """(Lance config, tensors mapped to Lance keys, source keys Lance does not use) of a Qwen2.5-VL
+    checkpoint directory; `Lance.from_qwen25vl` builds the model and calls `fill_from_qwen25vl`."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"Qwen2.5-VL checkpoint directory not found: {directory}")
     config = config_from_qwen25vl(directory, config)
     if (directory / "tokenizer.json").is_file() or (directory / "vocab.json").is_file():
         config.tokenizer = str(directory)
-    src = read_directory_tensors(directory, device)
     mapped: dict[str, torch.Tensor] = {}
     dropped = []
-    for k, v in src.items():
+    for k, v in read_directory_tensors(directory, device).items():
         nk = qwen25vl_key(k)
         if nk is None:
             dropped.append(k)
         else:
             mapped[nk] = v
-    with torch.device(device):
-        model = Lance(config)
-        model.init_weights(generator=torch.Generator(device=device).manual_seed(seed))
-    if dtype is not None:
-        model.to(dtype)
+    return config, mapped, dropped
+
+
+def fill_from_qwen25vl(model: torch.nn.Module, mapped: dict[str, torch.Tensor], dropped: list[str],
+                       source: str) -> LoadReport:
+    """Load Qwen2.5-VL tensors into a freshly initialised Lance: the und expert and ViT as they are,
+    every gen-expert weight from its und twin; weights Qwen2.5-VL lacks (q/k norms, latent heads)
+    keep their fresh init. The report is also kept as `model.qwen_init_report`."""
     expected = model.state_dict()
     if LM_HEAD_KEY not in mapped and EMBED_KEY in mapped:
         # A tied source (e.g. Qwen2.5-VL-3B) stores no head: untie it as a copy of the embedding.
@@ -337,7 +335,7 @@ def init_from_qwen25vl(directory: str | Path, config: LanceConfig | None = None,
         if GEN_SUFFIX in k and k not in mapped and gen_twin_source(k) in mapped:
             mapped[k] = mapped[gen_twin_source(k)].clone()
     fresh = sorted(k for k in expected if k not in mapped and k != POS_EMBED_KEY)
-    report = check_and_report(model, mapped, str(directory))
+    report = check_and_report(model, mapped, source)
     model.load_state_dict({k: v for k, v in mapped.items() if k in expected}, strict=False)
     model.apply_freeze()
     if fresh:
@@ -345,4 +343,4 @@ def init_from_qwen25vl(directory: str | Path, config: LanceConfig | None = None,
     report.unexpected += dropped
     report.missing = fresh
     model.qwen_init_report = report
-    return model
+    return report

@@ -20,6 +20,7 @@ from torch import nn
 
 from .attention import AttentionBackend, make_backend
 from .backbone import LanceLanguageModel
+from .checkpoint import assign_state, fill_from_qwen25vl, materialize, read_pretrained, read_qwen25vl, save_pretrained
 from .config import LanceConfig
 from .heads import PositionEmbedding3D, TimestepEmbedder
 from .packing import PackedBatch
@@ -185,12 +186,29 @@ class Lance(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(cls, directory: str | Path, weights: str = "auto", device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None) -> Lance:
-        from .checkpoint import load_pretrained
+                        dtype: torch.dtype | None = None, vit_weights: str | Path | None = None) -> Lance:
+        """Our checkpoint directories and the released official ones. The model is built on the meta
+        device and the tensors are assigned, so a 6B-parameter checkpoint needs no extra copy."""
+        config, state, path = read_pretrained(directory, weights, device, vit_weights)
+        with torch.device("meta"):
+            model = cls(config)
+        assign_state(model, state, str(path), strict=True, dtype=dtype)
+        materialize(model, device, dtype)
+        return model
 
-        return load_pretrained(directory, weights=weights, device=device, dtype=dtype)
+    @classmethod
+    def from_qwen25vl(cls, directory: str | Path, config: LanceConfig | None = None,
+                      device: str | torch.device = "cpu", dtype: torch.dtype | None = None, seed: int = 0) -> Lance:
+        """A Lance whose und expert and ViT come from a Qwen2.5-VL checkpoint and whose gen expert is
+        a copy of the und expert (`model.qwen_init_report` says what kept a fresh init)."""
+        config, mapped, dropped = read_qwen25vl(directory, config, device)
+        with torch.device(device):
+            model = cls(config)
+            model.init_weights(generator=torch.Generator(device=device).manual_seed(seed))
+        if dtype is not None:
+            model.to(dtype)
+        fill_from_qwen25vl(model, mapped, dropped, str(directory))
+        return model
 
     def save_pretrained(self, directory: str | Path, filename: str = "model.safetensors") -> Path:
-        from .checkpoint import save_pretrained
-
         return save_pretrained(self, directory, filename)

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from data_curation.schema import row_to_sample
+from lance_platform.schema import row_to_sample
 from lance_model.attention import visible_pairs
 from lance_model.config import LanceConfig
 from lance_model.packing import PackedBatch, pack_rendered

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_curation.schema import SHARD_TASKS
-from lance_model.configio import ConfigError, load_config
+from lance_platform.schema import SHARD_TASKS
+from lance_platform.config import ConfigError, load_config
 
 INIT_KINDS = ("preset", "previous", "lance", "qwen25vl")
 SCHEDULES = ("constant", "cosine")
@@ -61,7 +61,7 @@ class MixtureConfig:
 
 
 def _task_group(value: Any, prefix: str) -> TaskGroup:
-    from lance_model.configio import from_dict
+    from lance_platform.config import from_dict
 
     return from_dict(TaskGroup, value, prefix + ".")
 

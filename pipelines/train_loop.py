@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
-from data_curation.schema import read_shard, shard_schema, write_shard
+from lance_platform.schema import read_shard, shard_schema, write_shard
 from lance_model import Lance, LanceConfig
 from lance_model.backbone import compile_layers
-from lance_model.checkpoint import init_from_qwen25vl, load_pretrained, read_tensors, save_state
-from lance_model.configio import from_dict
+from lance_model.checkpoint import read_tensors, save_state
+from lance_platform.config import from_dict
 from lance_model.sequence import SequenceBuilder
 from lance_model.tokenizer import load_tokenizer
 
@@ -53,8 +53,8 @@ def build_model(stage: StageConfig, init_path: str | None) -> Lance:
         model.init_weights(generator=torch.Generator().manual_seed(stage.seed))
         return model
     if kind == "qwen25vl":
-        return init_from_qwen25vl(init_path or stage.init.path)
-    model = load_pretrained(init_path or stage.init.path, weights=stage.init.weights)
+        return Lance.from_qwen25vl(init_path or stage.init.path)
+    model = Lance.from_pretrained(init_path or stage.init.path, weights=stage.init.weights)
     for key, value in overrides.items():
         setattr(model.config, key, value)
     model.config.validate()
@@ -219,7 +219,7 @@ def log_validation_samples(model: Lance, config: LanceConfig, rows: list[dict], 
     next to the references, as MLflow artifacts. `model` is an unsharded copy."""
     from PIL import Image
 
-    from data_curation.schema import row_to_sample
+    from lance_platform.schema import row_to_sample
     from lance_model.encoders.vae import build_vae
     from lance_model.generation import SamplerOptions, TextOptions, generate_text, sample_latents
     from lance_model.sequence import Sample, Visual
@@ -261,7 +261,7 @@ def unsharded_copy(model: Lance, config: LanceConfig, device: torch.device) -> L
 
 
 def _sample(row: dict):
-    from data_curation.schema import row_to_sample
+    from lance_platform.schema import row_to_sample
 
     return row_to_sample(row)
 
@@ -311,7 +311,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     tracker = None
     if rank == 0 and config.get("tracking_uri") and config.get("run_id"):
-        from .tracking import Tracker
+        from lance_platform.tracking import Tracker
 
         tracker = Tracker(config["tracking_uri"], config.get("experiment", "lance"))
         tracker.start(stage.name, run_id=config["run_id"])

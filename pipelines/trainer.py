@@ -14,12 +14,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_curation.schema import check_version
-from lance_model.configio import flatten, load_config, to_dict
+from lance_platform.schema import check_version
+from lance_platform.config import flatten, load_config, to_dict
 
 from .config import PipelineConfig, StageConfig, load_stage_config
-from .runtime import init_ray
-from .tracking import Tracker, default_tracking_uri
+from lance_platform.runtime import init_ray
+from lance_platform.tracking import Tracker, default_tracking_uri
 
 log = logging.getLogger(__name__)
 EXPORT_FILES = ("model.safetensors", "ema.safetensors", "lance_config.json", "llm_config.json")

@@ -1,6 +1,6 @@
 """The GRPO run config (configs/rl/*.yaml): typed dataclasses, validated before Ray or a model starts.
 
-Loaded with `lance_model.configio.load_config(RLConfig, path, overrides)`, so every field can be
+Loaded with `lance_platform.config.load_config(RLConfig, path, overrides)`, so every field can be
 overridden from the command line (`grpo.beta=0`, `reward.weights={ocr: 1.0}`) and a bad value is a
 `ConfigError` naming the dotted field, the value and what was expected.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lance_model.configio import ConfigError
+from lance_platform.config import ConfigError
 
 from .grpo import default_clip_range
 from .ocr import OcrConfig

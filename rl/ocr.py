@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lance_model.configio import ConfigError
+from lance_platform.config import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -96,7 +96,7 @@ REWARD_COMPONENTS: dict[str, Callable[[str, str], float]] = {"ocr": ocr_similari
 
 
 def check_weights(weights: dict[str, float], prefix: str = "reward.weights") -> None:
-    from lance_model.configio import ConfigError
+    from lance_platform.config import ConfigError
 
     if not weights:
         raise ConfigError(f"{prefix}={weights!r}: expected at least one of {sorted(REWARD_COMPONENTS)}")

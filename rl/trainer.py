@@ -38,10 +38,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lance_model.configio import flatten, to_dict
+from lance_platform.config import flatten, to_dict
 from lance_model.generation import SamplerOptions
 from lance_model.model import Lance
-from pipelines.tracking import Tracker, default_tracking_uri
+from lance_platform.tracking import Tracker, default_tracking_uri
 
 from .actors import RewardActorPool
 from .config import PolicyConfig, RLConfig
@@ -180,9 +180,7 @@ class GrpoTrainer:
 
     # ------------------------------------------------------------------ state
     def restore(self, directory: Path) -> None:
-        from lance_model.checkpoint import load_pretrained
-
-        loaded = load_pretrained(directory, device=self.device)
+        loaded = Lance.from_pretrained(directory, device=self.device)
         self.policy.load_state_dict(loaded.state_dict(), strict=False)
         state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -351,7 +349,7 @@ def train_grpo(cfg: RLConfig, parent_run_id: str | None = None,
                report: Callable[[dict[str, float]], None] | None = None) -> RLResult:
     """Run (or resume) a GRPO run to `cfg.steps` iterations. `report(metrics)` is called after every
     iteration (Ray Tune uses it). Reward actors need Ray: a local one is started unless connected."""
-    from pipelines.runtime import init_ray
+    from lance_platform.runtime import init_ray
 
     cfg.validate()
     workdir = Path(cfg.workdir).resolve()

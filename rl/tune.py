@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lance_model.configio import ConfigError, apply_overrides, flatten, from_dict, load_yaml, to_dict
-from pipelines.tracking import Tracker, default_tracking_uri
+from lance_platform.config import ConfigError, apply_overrides, flatten, from_dict, load_yaml, to_dict
+from lance_platform.tracking import Tracker, default_tracking_uri
 
 from .config import RLConfig
 
@@ -144,7 +144,7 @@ def run_sweep(cfg: TuneConfig, base: dict) -> list[TrialSummary]:
     from ray.tune import PlacementGroupFactory
     from ray.tune.schedulers import ASHAScheduler
 
-    from pipelines.runtime import init_ray
+    from lance_platform.runtime import init_ray
 
     workdir = Path(cfg.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)

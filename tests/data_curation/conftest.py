@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from data_curation.config import CurationConfig
-from lance_model.configio import load_config
+from lance_platform.config import load_config
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "curation" / "synthetic.yaml"
 

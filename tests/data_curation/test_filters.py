@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from data_curation import config as curation_config
 from data_curation import filters
 from data_curation.config import FilterConfig
 from data_curation.filters import (
@@ -21,8 +22,9 @@ from data_curation.filters import (
 from data_curation.report import count_outcomes
 from data_curation.sources import list_source
 from data_curation.stages import InspectStage
-from data_curation.synthetic import encode_image, render_text_image
-from lance_model.configio import ConfigError
+from data_curation.media import encode_image
+from data_curation.synthetic import render_text_image
+from lance_platform.config import ConfigError
 
 CAPTIONS = {
     "en": 'a sign that says "OPEN"',
@@ -93,7 +95,7 @@ def test_filter_config_checks():
 
 
 def test_filter_config_refuses_ocr_without_rapidocr(monkeypatch):
-    monkeypatch.setattr(filters, "ocr_available", lambda: False)
+    monkeypatch.setattr(curation_config, "ocr_available", lambda: False)
     FilterConfig().validate()  # off: fine without rapidocr
     with pytest.raises(ConfigError, match="needs rapidocr"):
         FilterConfig(min_text_density=0.05).validate()
@@ -127,7 +129,7 @@ def test_inspect_counts_caption_language_like_other_filters(tmp_path, folder_con
 
 
 # ---------------------------------------------------------------------------------------- OCR text density
-ocr = pytest.mark.skipif(not filters.ocr_available(), reason="rapidocr is not installed")
+ocr = pytest.mark.skipif(not curation_config.ocr_available(), reason="rapidocr is not installed")
 
 
 @ocr

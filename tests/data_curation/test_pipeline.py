@@ -9,10 +9,13 @@ import pytest
 import torch
 
 from data_curation.pipeline import run_curation
-from data_curation.schema import SCHEMA_VERSION, read_shard, row_to_sample, shard_encoder
+from lance_platform.schema import SCHEMA_VERSION, read_shard, row_to_sample, shard_encoder
 from data_curation.sources import list_source
 from data_curation.stages import PrepareStage, VaeStage, VitStage, shard_row, to_batch
-from data_curation.synthetic import encode_image, image_caption, render_text_image, write_defect_corpus
+from data_curation.media import encode_image
+from data_curation.synthetic import image_caption, render_text_image
+
+from defects import write_defect_corpus
 from lance_model.config import LanceConfig
 
 

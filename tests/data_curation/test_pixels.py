@@ -12,7 +12,7 @@ from PIL import Image
 
 from data_curation.buckets import bucket_size
 from data_curation.config import CurationConfig
-from data_curation.schema import read_shard, write_shard
+from lance_platform.schema import read_shard, write_shard
 from data_curation.sources import Fetcher, list_source
 from data_curation.stages import (
     PREPARE_COLUMNS,
@@ -25,7 +25,7 @@ from data_curation.stages import (
     to_batch,
 )
 from lance_model.config import LanceConfig
-from lance_model.configio import ConfigError, load_config
+from lance_platform.config import ConfigError, load_config
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "curation" / "synthetic.yaml"
 SYNTH = "sources=[{kind: synthetic, name: s, synthetic: {images: 1, videos: 1, edits: 1, qa: 1}}]"

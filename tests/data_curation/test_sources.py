@@ -20,16 +20,15 @@ import pytest
 from data_curation.config import CurationConfig, SourceConfig
 from data_curation.sources import TEXT_FIELDS, Fetched, Fetcher, SourceError, list_source
 from data_curation.stages import InspectStage
+from data_curation.media import encode_image, encode_video
 from data_curation.synthetic import (
     QUESTION,
-    encode_image,
-    encode_video,
     image_caption,
     render_moving_video,
     render_text_image,
     video_caption,
 )
-from lance_model.configio import load_config
+from lance_platform.config import load_config
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "curation" / "synthetic.yaml"
 H, W = 64, 96

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from lance_model import Lance
-from pipelines.tracking import PARENT_TAG
+from lance_platform.tracking import PARENT_TAG
 
 pytestmark = pytest.mark.slow
 

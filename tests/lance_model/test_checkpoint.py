@@ -18,8 +18,6 @@ from safetensors.torch import save_file
 from lance_model import Lance, LanceConfig
 from lance_model.checkpoint import (
     CheckpointError,
-    init_from_qwen25vl,
-    load_pretrained,
     read_tensors,
 )
 from lance_model.config import CONFIG_FILE, OFFICIAL_LLM_CONFIG_FILE
@@ -167,7 +165,7 @@ def test_corrupted_position_table_is_ignored(tiny_model, saved_dir, tmp_path):
 
 
 def test_load_with_dtype(saved_dir, tiny_model):
-    loaded = load_pretrained(saved_dir, dtype=torch.bfloat16)
+    loaded = Lance.from_pretrained(saved_dir, dtype=torch.bfloat16)
     w = loaded.language_model.model.layers[1].self_attn.q_proj.weight
     assert w.dtype == torch.bfloat16
     assert torch.equal(w, tiny_model.language_model.model.layers[1].self_attn.q_proj.weight.to(torch.bfloat16))
@@ -408,7 +406,7 @@ def test_init_from_qwen25vl(qwen_dirs, which):
     dirs, src = qwen_dirs
     directory = dirs[which]
     tied_source = which == "new_style_tied"
-    model = init_from_qwen25vl(directory)
+    model = Lance.from_qwen25vl(directory)
     cfg = model.config
     assert (cfg.text.hidden_size, cfg.text.num_hidden_layers, cfg.text.head_dim, cfg.text.vocab_size) == (64, 2, 16, 320)
     assert cfg.text.mrope_section == (2, 3, 3) and cfg.text.rope_theta == 10000.0
@@ -452,7 +450,7 @@ def test_init_from_qwen25vl(qwen_dirs, which):
 
 def test_init_from_qwen25vl_then_save_load(qwen_dirs, tmp_path):
     dirs, _ = qwen_dirs
-    model = init_from_qwen25vl(dirs["old_style"])
+    model = Lance.from_qwen25vl(dirs["old_style"])
     model.save_pretrained(tmp_path)
     loaded = Lance.from_pretrained(tmp_path)
     assert_state_equal(model.state_dict(), loaded.state_dict())
@@ -460,6 +458,6 @@ def test_init_from_qwen25vl_then_save_load(qwen_dirs, tmp_path):
 
 def test_init_from_qwen25vl_missing_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope"))):
-        init_from_qwen25vl(tmp_path / "nope")
+        Lance.from_qwen25vl(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "config.json"))):
-        init_from_qwen25vl(tmp_path)
+        Lance.from_qwen25vl(tmp_path)

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from data_curation.schema import tensor_to_bytes, write_shard
+from lance_platform.schema import tensor_to_bytes, write_shard
 
 WORDS = ["OPEN", "STOP", "EXIT", "SALE"]
 

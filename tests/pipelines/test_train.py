@@ -8,9 +8,9 @@ from mlflow.tracking import MlflowClient
 
 from lance_model import Lance
 from lance_model.checkpoint import read_tensors
-from lance_model.configio import ConfigError
+from lance_platform.config import ConfigError
 from pipelines.config import load_stage_config
-from pipelines.tracking import default_tracking_uri
+from lance_platform.tracking import default_tracking_uri
 from pipelines.trainer import run_pipeline, run_stage
 
 pytestmark = pytest.mark.slow
@@ -22,7 +22,7 @@ MIXTURE = "mixture.groups={gen: {tasks: [t2i]}, und: {tasks: [i2t]}, edit: {task
 def ray_local():
     import ray
 
-    from pipelines.runtime import init_ray
+    from lance_platform.runtime import init_ray
 
     init_ray(num_cpus=2)
     yield

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from lance_model.configio import load_config
+from lance_platform.config import load_config
 from rl.config import RLConfig
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "rl" / "grpo_ocr.yaml"

@@ -5,7 +5,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from lance_model import Lance
-from pipelines.tracking import default_tracking_uri
+from lance_platform.tracking import default_tracking_uri
 from rl.trainer import train_grpo
 
 EXPECTED = {"reward_mean", "reward_std", "reward/ocr_mean", "reward/ocr_exact_mean", "ocr_failures", "kl",

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.tracking import default_tracking_uri
+from lance_platform.tracking import default_tracking_uri
 from rl.tune import load_tune_config, run_sweep
 
 OVERRIDES = ("overrides=[steps=1, rollout.steps=2, rollout.eval_steps=2, prompts.eval_synthetic=1, "

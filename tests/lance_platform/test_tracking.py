@@ -5,7 +5,7 @@ import logging
 
 from mlflow.tracking import MlflowClient
 
-from pipelines.tracking import PARENT_TAG, Tracker, default_tracking_uri, tracked_run
+from lance_platform.tracking import PARENT_TAG, Tracker, default_tracking_uri, tracked_run
 
 
 def test_parent_child_runs_with_params_metrics_artifacts(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lance_model.configio import flatten
+from lance_platform.config import flatten
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from lance_model.configio import ConfigError, apply_overrides, flatten, load_config
+from lance_platform.config import ConfigError, apply_overrides, flatten, load_config
 
 
 @dataclass

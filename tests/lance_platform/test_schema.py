@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from data_curation.schema import (
+from lance_platform.schema import (
     SCHEMA_VERSION,
     VERSION_KEY,
     SchemaVersionError,
