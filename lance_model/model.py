@@ -155,9 +155,12 @@ class Lance(nn.Module):
 
     def forward(self, batch: PackedBatch, timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                 generator: torch.Generator | None = None, ce_count: int | None = None,
-                mse_count: int | None = None) -> LanceLoss:
+                mse_count: int | None = None, text_vocab: int | None = None) -> LanceLoss:
         """Training forward. `timesteps` [num_items] and `noise` [Ng, C] are sampled when None.
-        `ce_count`/`mse_count`: global token counts (summed over data-parallel ranks) for the reduction."""
+        `ce_count`/`mse_count`: global token counts (summed over data-parallel ranks) for the reduction.
+        `text_vocab`: the tokenizer's length. As in the released recipe, the cross-entropy then runs
+        over the first `text_vocab` logits only (151,665 of the 3B head's 151,936 rows: the rest are
+        padding no tokenizer produces) and labels at or beyond it are ignored; None = every row."""
         device = batch.positions.device
         x0 = batch.vae_latents.float()
         if timesteps is None:
@@ -176,7 +179,11 @@ class Lance(nn.Module):
         n_ce = int(batch.ce_index.numel())
         n_mse = int(noisy.sum())
         logits = self.language_model.lm_head(h_und[batch.ce_index]).float()
-        ce = F.cross_entropy(logits, batch.ce_labels, reduction="sum") / max(ce_count or n_ce, 1)
+        labels = batch.ce_labels
+        if text_vocab is not None and text_vocab < logits.shape[-1]:
+            logits = logits[:, :text_vocab]
+            labels = labels.masked_fill(labels >= text_vocab, -100)
+        ce = F.cross_entropy(logits, labels, reduction="sum", ignore_index=-100) / max(ce_count or n_ce, 1)
         pred = self.llm2vae(h_gen[noisy]).float()
         target = noise[noisy] - x0[noisy]
         mse = (pred - target).pow(2).mean(-1).sum() / max(mse_count or n_mse, 1)

@@ -196,7 +196,8 @@ def validate(model: Lance, packer: Packer, rows: list[dict], device: torch.devic
         from lance_model.packing import pack_rendered
 
         batch = pack_rendered([sample], packer.config).to(device)
-        out = model(batch, generator=torch.Generator(device=device).manual_seed(seed + i))
+        out = model(batch, generator=torch.Generator(device=device).manual_seed(seed + i),
+                    text_vocab=len(packer.builder.tok))
         sums[row["task"]][0] += weight * float(out.loss)
         sums[row["task"]][1] += weight
     model.train()
@@ -330,7 +331,7 @@ def train_loop(config: dict[str, Any]) -> None:
         ce_n, mse_n, tokens = parallel.all_reduce_sum(
             [batch.ce_index.numel(), int(batch.vae_noisy.sum()), batch.num_tokens], device)
         gen = torch.Generator(device=device).manual_seed((stage.seed * 1_000_003 + step) * 1_009 + rank)
-        out = model(batch, generator=gen, ce_count=int(ce_n), mse_count=int(mse_n))
+        out = model(batch, generator=gen, ce_count=int(ce_n), mse_count=int(mse_n), text_vocab=len(builder.tok))
         # Each rank's loss is its share of the global mean; FSDP averages gradients over ranks.
         loss = out.loss * world
         skipped = not parallel.all_finite(out.loss.detach())

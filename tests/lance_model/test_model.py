@@ -142,3 +142,22 @@ def test_vit_runs_inside_forward_when_given_patches(tiny_config, builder):
     a = model(pack_samples([with_patches], builder, TINY))
     b = model(pack_samples([with_tokens], builder, TINY))
     torch.testing.assert_close(a.ce, b.ce)
+
+
+def test_cross_entropy_over_the_tokenizers_rows_only(tiny_model, builder, sample_factory):
+    """`text_vocab` slices the logits to the tokenizer's length and ignores labels beyond it, as the
+    released recipe does (151,665 of 151,936 rows); checked against a hand computation."""
+    batch = pack_samples([sample_factory("i2t", 64, 0)], builder, TINY)
+    assert batch.ce_index.numel() > 1
+    t, noise = torch.tensor([0.5]), torch.zeros(batch.vae_latents.shape)
+    vocab = int(batch.ce_labels.max()) + 1  # the largest label is the last row kept
+    batch.ce_labels[0] = vocab + 3           # a label beyond the tokenizer: ignored
+    with torch.no_grad():
+        h_und, _ = tiny_model.backbone(batch, *tiny_model.embed(batch, batch.vae_latents.float(),
+                                                                torch.zeros(batch.vae_latents.shape[0])))
+        logits = tiny_model.language_model.lm_head(h_und[batch.ce_index]).float()
+    expected = torch.nn.functional.cross_entropy(logits[1:, :vocab], batch.ce_labels[1:], reduction="sum")
+    out = tiny_model(batch, timesteps=t, noise=noise, text_vocab=vocab)
+    torch.testing.assert_close(out.ce, expected / batch.ce_index.numel())
+    full = tiny_model(batch, timesteps=t, noise=noise, ce_count=batch.ce_index.numel())
+    assert not torch.isclose(full.ce, out.ce)  # all rows: a different loss
