@@ -8,9 +8,6 @@ import torch
 
 from lance_model.config import VaeConfig, VitConfig
 from lance_model.encoders import (
-    PIXEL_LATENT_SCALE,
-    WAN22_LATENTS_MEAN,
-    WAN22_LATENTS_STD,
     PixelVae,
     VaeWeightsError,
     WanVae,
@@ -22,6 +19,32 @@ from lance_model.encoders import (
     vit_patches,
     vit_token_count,
 )
+
+
+# ---------------------------------------------------------------------- expected values
+# Written out here, not imported from the code under test: the released numbers.
+# OpenAI CLIP pixel normalisation (Qwen2.5-VL's image processor uses it).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Wan2.2 (TI2V-5B) VAE per-channel latent mean / std, 48 channels each, as released with the model.
+WAN22_MEAN = (
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557,
+    -0.1382, 0.0542, 0.2813, 0.0891, 0.1570, -0.0098, 0.0375, -0.1825,
+    -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230,
+    -0.0313, -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748,
+    0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+)
+WAN22_STD = (
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013,
+    0.8158, 1.0344, 0.5894, 1.0901, 0.6885, 0.6165, 0.8454, 0.4978,
+    0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093,
+    0.5709, 0.6065, 0.6415, 0.4944, 0.5726, 1.2042, 0.5458, 1.6887,
+    0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+)
+# The pixel "VAE" scales [-1, 1] pixels by 2 (natural images: per-channel std about 0.45 -> about 0.9).
+PIXEL_SCALE = 2.0
 
 
 # ---------------------------------------------------------------------- fixtures
@@ -108,7 +131,6 @@ def test_vit_video_layout_and_odd_padding(vit_cfg):
     padded = torch.cat([frames, frames[-1:]])  # the odd video repeats its last frame
     assert torch.equal(patches, vit_patches(padded, vit_cfg)[0])
     # Row 0 = temporal group 0, merge window (0, 0), sub-patch (0, 0); columns (c, t, y, x).
-    from lance_model.encoders.vit import CLIP_MEAN, CLIP_STD
     norm = (frames - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     row0 = patches[0].view(3, 2, 14, 14)
     torch.testing.assert_close(row0[:, 0], norm[0, :, :14, :14])
@@ -150,7 +172,7 @@ def test_pixel_vae_roundtrip_is_exact(frames):
     assert z.shape == (2, 48, frames, 4, 6) == (2, *vae.latent_shape(frames, 16, 24))
     assert torch.equal(vae.decode(z), video)
     # Channel c*s*s + i*s + j holds pixel (i, j) of each 4x4 cell, times the fixed scale.
-    assert torch.equal(z[:, 1 * 16 + 2 * 4 + 3], video[:, 1, :, 2::4, 3::4] * PIXEL_LATENT_SCALE)
+    assert torch.equal(z[:, 1 * 16 + 2 * 4 + 3], video[:, 1, :, 2::4, 3::4] * PIXEL_SCALE)
 
 
 def test_pixel_vae_bad_size():
@@ -184,8 +206,9 @@ def test_wan_config_is_wan22(wan):
 def test_wan_normalisation_matches_diffusers(wan):
     video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
     raw = wan.model.encode(video).latent_dist.mean
-    mean = torch.tensor(WAN22_LATENTS_MEAN).view(1, 48, 1, 1, 1)
-    std = torch.tensor(WAN22_LATENTS_STD).view(1, 48, 1, 1, 1)
+    assert len(WAN22_MEAN) == len(WAN22_STD) == 48
+    mean = torch.tensor(WAN22_MEAN).view(1, 48, 1, 1, 1)
+    std = torch.tensor(WAN22_STD).view(1, 48, 1, 1, 1)
     torch.testing.assert_close(wan.encode(video), (raw - mean) / std)
     # decode inverts the normalisation before the diffusers decoder
     z = torch.randn(1, 48, 2, 2, 2)
