@@ -100,6 +100,9 @@ class SourceConfig:
     # parquet: which official layout the files follow.
     layout: str | None = None
     synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
+    # local sources: a symlink under `uri` that resolves outside it is quarantined as
+    # `symlink_outside_source` unless this is true (then it is read like any other file).
+    follow_external_symlinks: bool = False
 
     def validate(self, prefix: str) -> None:
         _require(self.kind in SOURCE_KINDS, f"{prefix}.kind", self.kind, f"one of {SOURCE_KINDS}")
@@ -110,6 +113,8 @@ class SourceConfig:
         if self.kind == "parquet":
             _require(self.layout in PARQUET_LAYOUTS, f"{prefix}.layout", self.layout, f"one of {PARQUET_LAYOUTS}")
         self.synthetic.validate(f"{prefix}.synthetic")
+        _require(isinstance(self.follow_external_symlinks, bool), f"{prefix}.follow_external_symlinks",
+                 self.follow_external_symlinks, "true or false")
 
 
 @dataclass
@@ -127,11 +132,17 @@ class DecodeConfig:
     target_fps: float = 12.0
     max_seconds: float = 6.0                 # generation videos
     understanding_max_seconds: float = 2.0   # i2t / v2t videos
+    # RGB colour that transparent pixels are composited on (RGBA, LA, palette transparency)
+    alpha_background: tuple[int, int, int] = (255, 255, 255)
 
     def validate(self) -> None:
         for name in ("target_fps", "max_seconds", "understanding_max_seconds"):
             v = getattr(self, name)
             _require(isinstance(v, (int, float)) and v > 0, f"decode.{name}", v, "a positive number")
+        bg = self.alpha_background
+        _require(isinstance(bg, (tuple, list)) and len(bg) == 3
+                 and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in bg),
+                 "decode.alpha_background", bg, "an RGB triple of integers in [0, 255]")
 
 
 @dataclass
@@ -141,10 +152,15 @@ class ValidateConfig:
     min_side: int = 16
     max_side: int = 16384
     max_caption_chars: int = 20000
+    # decoded pixels per image or video frame (checked from the header, before decoding): above it an
+    # item is quarantined as `too_many_pixels` (decompression bombs); 0 turns the check off
+    max_pixels: int = 40_000_000
 
     def validate(self) -> None:
         for name in ("min_side", "max_side", "max_caption_chars"):
             _positive_int(f"checks.{name}", getattr(self, name))
+        _require(isinstance(self.max_pixels, int) and not isinstance(self.max_pixels, bool) and self.max_pixels >= 0,
+                 "checks.max_pixels", self.max_pixels, "a non-negative integer (0 turns the check off)")
 
 
 @dataclass

@@ -1,7 +1,11 @@
 """Decode and validate media and text: bytes -> RGB frames [F, H, W, 3] uint8, or a `MediaError`.
 
 Images go through Pillow (EXIF orientation applied, any mode -> RGB, fully loaded so a truncated
-file fails here rather than later). Videos go through decord, which reports fps and frame count;
+file fails here rather than later). 16-bit greyscale is scaled to 8 bit (not clipped), transparency
+is composited on a background colour (white by default), and an animated image is refused
+(`animated_image`) rather than silently cut to its first frame. A decoded-pixel limit (`max_pixels`,
+per image or video frame) is checked from the header before any pixel is decoded (`too_many_pixels`);
+Pillow's own decompression-bomb error, raised for far larger files, maps to the same reason. Videos go through decord, which reports fps and frame count;
 frames are sampled at a target fps up to a maximum duration, the count forced to 4k+1 (what a
 causal video VAE with temporal stride 4 needs: one first frame plus groups of four) and spread
 uniformly over the clip. Every way an item can be unusable raises `MediaError` with a short reason
@@ -12,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import tempfile
+import warnings
 from pathlib import Path
 from dataclasses import dataclass
 
@@ -23,6 +28,9 @@ VIDEO_EXTENSIONS = (".mp4", ".mov", ".webm", ".mkv", ".avi")
 
 
 TEXT_FIELDS = ("caption", "question", "answer")
+DEFAULT_MAX_PIXELS = 40_000_000
+WHITE = (255, 255, 255)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 @dataclass
@@ -82,15 +90,51 @@ def media_kind(name: str) -> str | None:
     return None
 
 
-def decode_image(data: bytes) -> Decoded:
+def _check_pixels(width: int, height: int, max_pixels: int, what: str) -> None:
+    if max_pixels and width * height > max_pixels:
+        raise MediaError("too_many_pixels", f"{what} is {width}x{height} = {width * height} pixels "
+                                            f"(limit {max_pixels})")
+
+
+def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Any Pillow mode -> RGB: 16/32-bit greyscale scaled to 8 bit, transparency composited on `background`."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        grey = np.asarray(img).astype(np.float64)
+        # "I" holds whatever integer range the file had: treat it as 8 bit when it fits, else 16 bit
+        scale = 1.0 if img.mode == "I" and grey.max(initial=0) <= 255 else 255.0 / 65535.0
+        grey = np.clip(np.rint(grey * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or img.has_transparency_data:
+        rgba = img.convert("RGBA")
+        flat = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(flat, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 background: tuple[int, int, int] = WHITE) -> Decoded:
+    """Image bytes -> one RGB frame; `max_pixels` (0 = no limit) is checked before decoding."""
     if not data:
         raise MediaError("empty_file", "zero-byte image")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise MediaError("wrong_type", f"image data is a {type(data).__name__}, expected bytes")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            rgb = ImageOps.exif_transpose(img).convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+            with Image.open(io.BytesIO(data)) as img:
+                _check_pixels(img.width, img.height, max_pixels, "image")
+                frames = getattr(img, "n_frames", 1)
+                if frames > 1:
+                    raise MediaError("animated_image", f"{img.format} with {frames} frames: an animated image "
+                                                       "is not curated as a still (convert it to a video)")
+                img.load()
+                rgb = _to_rgb(ImageOps.exif_transpose(img), background)
+    except Image.DecompressionBombError as exc:
+        raise MediaError("too_many_pixels", str(exc)) from None
     except UnidentifiedImageError as exc:
         raise MediaError("undecodable_image", str(exc)) from None
+    except MediaError:
+        raise
     except (OSError, SyntaxError, ValueError) as exc:
         reason = "truncated_image" if "truncated" in str(exc).lower() else "undecodable_image"
         raise MediaError(reason, str(exc)) from None
@@ -115,29 +159,40 @@ def sampled_fps(indices: np.ndarray, fps: float) -> float:
     return float((len(indices) - 1) * fps / (indices[-1] - indices[0]))
 
 
-def decode_video(data: bytes, target_fps: float, max_seconds: float) -> Decoded:
+def decode_video(data: bytes, target_fps: float, max_seconds: float,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+    """Video bytes -> sampled RGB frames; the first sampled frame is checked against `max_pixels`
+    (0 = no limit) before the rest are decoded."""
     if not data:
         raise MediaError("empty_file", "zero-byte video")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise MediaError("wrong_type", f"video data is a {type(data).__name__}, expected bytes")
     import decord
 
     try:
         reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0))
         source_frames, fps = len(reader), float(reader.get_avg_fps())
         indices = sample_frame_indices(source_frames, fps, target_fps, max_seconds)
-        frames = reader.get_batch(indices.tolist()).asnumpy()
+        first = reader.get_batch(indices[:1].tolist()).asnumpy()
+        _check_pixels(first.shape[2], first.shape[1], max_pixels, "video frame")
+        frames = (np.concatenate([first, reader.get_batch(indices[1:].tolist()).asnumpy()])
+                  if len(indices) > 1 else first)
     except decord.DECORDError as exc:
         raise MediaError("undecodable_video", str(exc).splitlines()[0]) from None
     except RuntimeError as exc:  # decord raises bare RuntimeErrors for unreadable containers
         raise MediaError("undecodable_video", str(exc).splitlines()[0][:200]) from None
+    except AssertionError as exc:  # decord asserts a positive frame count
+        raise MediaError("undecodable_video", str(exc)[:200]) from None
     return Decoded(frames, fps=sampled_fps(indices, fps), source_frames=source_frames,
                    duration=source_frames / fps)
 
 
-def decode_media(data: bytes, kind: str, target_fps: float, max_seconds: float) -> Decoded:
+def decode_media(data: bytes, kind: str, target_fps: float, max_seconds: float,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, background: tuple[int, int, int] = WHITE) -> Decoded:
     if kind == "image":
-        return decode_image(data)
+        return decode_image(data, max_pixels, background)
     if kind == "video":
-        return decode_video(data, target_fps, max_seconds)
+        return decode_video(data, target_fps, max_seconds, max_pixels)
     raise MediaError("wrong_type", f"media kind {kind!r} is neither image nor video")
 
 

@@ -13,6 +13,15 @@ any fsspec filesystem through pyarrow's fsspec handler, so object storage works 
 
 `sample_id` is the content hash of the media bytes and text, so the same sample under two URIs is
 an exact duplicate and a refresh never curates it twice.
+
+Nothing one item does stops a listing: a problem found while listing becomes an item with an
+`error` locator (quarantined with its reason when fetched), next to the good items. Reasons found
+here: `caption_table_not_utf8` / `caption_table_bad_json` / `bad_caption_record` (one line of the
+caption table, by line number; the other lines are kept), `unknown_task` (a `task` outside the shard
+tasks, e.g. a typo "T2I"), `missing_file` (listed in the caption table, absent on disk),
+`symlink_outside_source` (a symlink under a local source root that resolves outside it, unless the
+source sets `follow_external_symlinks: true`) and `unreadable_tar`. While fetching, a Parquet cell of
+the wrong type is `wrong_column_type` (the detail names the column and its type).
 """
 from __future__ import annotations
 
@@ -20,6 +29,8 @@ import csv
 import hashlib
 import io
 import json
+import logging
+import os
 import posixpath
 import tarfile
 from collections.abc import Iterator
@@ -31,6 +42,7 @@ import pyarrow.parquet as pq
 
 from data_curation.config import SourceConfig
 from data_curation.media import TEXT_FIELDS, Fetched, MediaError, media_kind
+from lance_platform.schema import SHARD_TASKS
 
 UNDERSTANDING_TASKS = ("i2t", "v2t")
 CAPTION_FILE_EXTENSIONS = (".txt", ".json", ".jsonl", ".csv", ".parquet")
@@ -46,6 +58,9 @@ PARQUET_MEDIA = {
 PARQUET_TEXT = {"caption": "caption", "caption_i": "caption", "caption_q": "question", "caption_a": "answer"}
 # Text columns a layout must have (a file of another layout fails at listing, not row by row).
 PARQUET_REQUIRED_TEXT = {"i2t": ("caption_q", "caption_a"), "v2t": ("caption_q", "caption_a")}
+
+
+log = logging.getLogger(__name__)
 
 
 class SourceError(ValueError):
@@ -102,18 +117,40 @@ def _file_infos(uri: str) -> dict[str, pafs.FileInfo]:
     return {posixpath.relpath(i.path, root): i for i in infos if i.type == pafs.FileType.File}
 
 
-def _container_files(uri: str, extension: str) -> list[tuple[str, pafs.FileInfo]]:
-    """(uri, FileInfo) of `uri` itself if it is a file, else of its files ending in `extension`."""
+def external_links(uri: str, rels) -> dict[str, str]:
+    """{relative path: resolved target} of the files under the local directory `uri` that resolve
+    (through a symlinked file or directory) to somewhere outside it; {} for remote filesystems."""
+    fs, root = filesystem(uri)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return {}
+    real_root = os.path.realpath(root)
+    out = {}
+    for rel in rels:
+        real = os.path.realpath(os.path.join(root, rel))
+        if os.path.commonpath([real_root, real]) != real_root:
+            out[rel] = real
+    return out
+
+
+def _outside_detail(uri: str, rel: str, target: str) -> str:
+    return f"{rel} resolves to {target}, outside the source root {uri} (set follow_external_symlinks: true to read it)"
+
+
+def _container_files(uri: str, extension: str,
+                     follow_external_symlinks: bool = False) -> list[tuple[str, pafs.FileInfo, str | None]]:
+    """(uri, FileInfo, external target) of `uri` itself if it is a file, else of its files ending in
+    `extension`; the target is where a symlink leads outside the directory (None when it does not)."""
     fs, path = filesystem(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
-        return [(uri, info)]
+        return [(uri, info, None)]
     if info.type == pafs.FileType.NotFound:
         raise SourceError(f"source path not found: {uri}")
-    found = [(_join(uri, rel), i) for rel, i in sorted(_file_infos(uri).items()) if rel.endswith(extension)]
-    if not found:
+    infos = {rel: i for rel, i in sorted(_file_infos(uri).items()) if rel.endswith(extension)}
+    if not infos:
         raise SourceError(f"source {uri}: no {extension} files")
-    return found
+    external = {} if follow_external_symlinks else external_links(uri, infos)
+    return [(_join(uri, rel), i, external.get(rel)) for rel, i in infos.items()]
 
 
 def _stamp(info: pafs.FileInfo) -> str:
@@ -128,54 +165,150 @@ def _item(uri: str, task: str, locator: dict, *stamp: object) -> SourceItem:
     return SourceItem(uri, _fingerprint(*stamp, locator), task, json.dumps(locator, sort_keys=True))
 
 
+def _error_item(uri: str, reason: str, detail: str, *stamp: object, task: str = "t2i") -> SourceItem:
+    """An item found unusable at listing: quarantined with `reason` when the inspect stage fetches it."""
+    return _item(uri, task, {"kind": "error", "reason": reason, "detail": detail}, *stamp)
+
+
 # ---------------------------------------------------------------------------------------- folder
-def _caption_table(uri: str) -> dict[str, dict]:
-    """path -> record from a JSONL or CSV table with at least `path` and `caption` columns."""
+@dataclass
+class CaptionTable:
+    """A folder's caption table: path -> record (and its line number), and the lines that could not
+    be used: (line number, reason, detail, digest of the raw line)."""
+
+    records: dict[str, dict]
+    lines: dict[str, int]
+    bad: list[tuple[int, str, str, str]]
+
+
+def _digest(raw: bytes) -> str:
+    return hashlib.sha1(raw).hexdigest()
+
+
+def _jsonl_rows(uri: str, raw: bytes) -> tuple[list[tuple[int, object]], list[tuple[int, str, str, str]]]:
+    rows, bad = [], []
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        if number == 1 and line.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
+            line = line[3:]
+        if not line.strip():
+            continue
+        try:
+            rows.append((number, json.loads(line.decode("utf-8"))))
+        except UnicodeDecodeError as exc:
+            bad.append((number, "caption_table_not_utf8", f"{uri} line {number} is not UTF-8 ({exc})", _digest(line)))
+        except json.JSONDecodeError as exc:
+            bad.append((number, "caption_table_bad_json", f"{uri} line {number} is not JSON ({exc})", _digest(line)))
+    return rows, bad
+
+
+def _csv_rows(uri: str, raw: bytes) -> tuple[list[tuple[int, object]], list[tuple[int, str, str, str]]]:
+    """CSV records by line number; bytes that are not UTF-8 survive decoding as lone surrogates, so
+    only the records holding them are refused."""
+    rows, bad = [], []
+    reader = csv.DictReader(io.StringIO(raw.decode("utf-8-sig", errors="surrogateescape"), newline=""))
+    for record in reader:
+        number = reader.line_num
+        values = [v for v in record.values() if isinstance(v, str)]
+        try:
+            for v in values:
+                v.encode("utf-8")
+        except UnicodeEncodeError:
+            text = ",".join(values).encode("utf-8", errors="surrogateescape")
+            bad.append((number, "caption_table_not_utf8", f"{uri} record ending on line {number} is not UTF-8",
+                        _digest(text)))
+            continue
+        rows.append((number, record))
+    return rows, bad
+
+
+def _record_problem(rec: object) -> str | None:
+    if not isinstance(rec, dict):
+        return f"a record must be an object, got {type(rec).__name__}"
+    if not isinstance(rec.get("path"), str) or not rec["path"]:
+        return "a record needs a non-empty `path` string"
+    for key in ("task", "source_path"):
+        if rec.get(key) is not None and not isinstance(rec[key], str):
+            return f"`{key}` must be a string, got {type(rec[key]).__name__}"
+    return None
+
+
+def _caption_table(uri: str) -> CaptionTable:
+    """The records of a JSONL or CSV table with at least `path` and `caption` columns. A line that is
+    not UTF-8, not JSON or not a usable record is set aside with its line number; the rest are kept."""
     try:
-        text = read_bytes(uri).decode("utf-8")
+        raw = read_bytes(uri)
     except FileNotFoundError:
         raise SourceError(f"caption table not found: {uri}") from None
-    except UnicodeDecodeError as exc:
-        raise SourceError(f"caption table {uri} is not UTF-8 ({exc})") from None
-    if uri.endswith(".csv"):
-        rows = list(csv.DictReader(io.StringIO(text)))
-    else:
-        try:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as exc:
-            raise SourceError(f"caption table {uri}: invalid JSON line ({exc})") from None
-    bad = [r for r in rows if not isinstance(r, dict) or "path" not in r]
+    rows, bad = (_csv_rows if uri.endswith(".csv") else _jsonl_rows)(uri, raw)
+    records, lines = {}, {}
+    for number, rec in rows:
+        problem = _record_problem(rec)
+        if problem:
+            bad.append((number, "bad_caption_record", f"{uri} line {number}: {problem}: {rec!r}"[:500],
+                        _fingerprint(rec)))
+            continue
+        records[rec["path"]] = rec
+        lines[rec["path"]] = number
     if bad:
-        raise SourceError(f"caption table {uri}: {len(bad)} record(s) without a `path`, e.g. {bad[0]!r}")
-    return {r["path"]: r for r in rows}
+        log.warning("caption table %s: %d unusable line(s), e.g. %s", uri, len(bad), bad[0][2])
+    return CaptionTable(records, lines, sorted(bad))
 
 
 def list_folder(src: SourceConfig) -> Iterator[SourceItem]:
     files = _file_infos(src.uri)
-    records = _caption_table(_join(src.uri, src.captions)) if src.captions else {}
+    external = {} if src.follow_external_symlinks else external_links(src.uri, files)
+    table_uri = _join(src.uri, src.captions) if src.captions else None
+    table = _caption_table(table_uri) if table_uri else CaptionTable({}, {}, [])
+    for number, reason, detail, digest in table.bad:
+        yield _error_item(f"{table_uri}#line={number}", reason, detail, digest)
+    records = table.records
+    for rel in sorted(set(records) - set(files)):
+        yield _error_item(_join(src.uri, rel), "missing_file",
+                          f"{src.captions} line {table.lines[rel]} lists {rel!r}, which does not exist under {src.uri}",
+                          records[rel], task=_task_or_default(records[rel].get("task")))
     paired_sources = {r["source_path"] for r in records.values() if r.get("source_path")}
     for rel in sorted(files):
         if rel.lower().endswith(CAPTION_FILE_EXTENSIONS) or rel in paired_sources:
             continue
+        uri = _join(src.uri, rel)
         kind = media_kind(rel)
         rec = records.get(rel, {})
         task = rec.get("task") or ("t2v" if kind == "video" else "t2i")
-        media = {main_slot(task): [_join(src.uri, rel), kind]}
+        if task not in SHARD_TASKS:
+            yield _error_item(uri, "unknown_task", f"{src.captions} line {table.lines.get(rel)}: task {task!r} of "
+                              f"{rel!r} is not one of {list(SHARD_TASKS)}", _stamp(files[rel]), rec)
+            continue
+        media = {main_slot(task): [uri, kind]}
         stamps = [_stamp(files[rel])]
+        used = [rel]
         if rec.get("source_path"):
             src_rel = rec["source_path"]
             if src_rel not in files:
-                raise SourceError(f"{src.captions}: source_path {src_rel!r} of {rel!r} does not exist")
+                yield _error_item(uri, "missing_file", f"{src.captions} line {table.lines[rel]}: source_path "
+                                  f"{src_rel!r} of {rel!r} does not exist under {src.uri}", _stamp(files[rel]), rec,
+                                  task=task)
+                continue
             media["source"] = [_join(src.uri, src_rel), media_kind(src_rel)]
             stamps.append(_stamp(files[src_rel]))
+            used.append(src_rel)
         text = {name: rec.get(name) for name in TEXT_FIELDS}
         sidecar = posixpath.splitext(rel)[0] + ".txt"
         text_files = {}
         if text["caption"] is None and sidecar in files:
             text_files["caption"] = [_join(src.uri, sidecar), 0, None]
             stamps.append(_stamp(files[sidecar]))
+            used.append(sidecar)
+        outside = [r for r in used if r in external]
+        if outside:
+            yield _error_item(uri, "symlink_outside_source",
+                              "; ".join(_outside_detail(src.uri, r, external[r]) for r in outside), *stamps, task=task)
+            continue
         locator = {"kind": "files", "media": media, "text": text, "text_files": text_files}
-        yield _item(_join(src.uri, rel), task, locator, *stamps)
+        yield _item(uri, task, locator, *stamps)
+
+
+def _task_or_default(task: str | None) -> str:
+    return task if task in SHARD_TASKS else "t2i"
 
 
 # ---------------------------------------------------------------------------------------- webdataset
@@ -211,7 +344,11 @@ def list_webdataset(src: SourceConfig) -> Iterator[SourceItem]:
     and `.json` ({caption, question, answer}) as metadata; a `.txt` caption wins over a JSON one.
     A key without a media member or a caption is quarantined by validation; a damaged tar yields an
     `unreadable_tar` item (quarantined with the error) next to the samples read before the damage."""
-    for tar_uri, info in _container_files(src.uri, ".tar"):
+    for tar_uri, info, outside in _container_files(src.uri, ".tar", src.follow_external_symlinks):
+        if outside is not None:
+            yield _error_item(tar_uri, "symlink_outside_source", _outside_detail(src.uri, tar_uri, outside),
+                              _stamp(info))
+            continue
         groups, error = _tar_groups(tar_uri)
         if error is not None:
             locator = {"kind": "error", "reason": "unreadable_tar", "detail": f"{tar_uri}: {error}"}
@@ -232,7 +369,11 @@ def list_webdataset(src: SourceConfig) -> Iterator[SourceItem]:
 # ---------------------------------------------------------------------------------------- parquet
 def list_parquet(src: SourceConfig) -> Iterator[SourceItem]:
     needed = set(PARQUET_MEDIA[src.layout]) | set(PARQUET_REQUIRED_TEXT.get(src.layout, ("caption",)))
-    for file_uri, info in _container_files(src.uri, ".parquet"):
+    for file_uri, info, outside in _container_files(src.uri, ".parquet", src.follow_external_symlinks):
+        if outside is not None:
+            yield _error_item(file_uri, "symlink_outside_source", _outside_detail(src.uri, file_uri, outside),
+                              _stamp(info), task=src.layout)
+            continue
         fs, path = filesystem(file_uri)
         with fs.open_input_file(path) as f:
             meta = pq.ParquetFile(f).metadata
@@ -266,11 +407,31 @@ def list_source(src: SourceConfig) -> list[SourceItem]:
 
 
 # ---------------------------------------------------------------------------------------- fetching
-def _media_bytes(value) -> bytes | None:
-    """Parquet media cells are raw bytes or an HF `Image`/`Video` struct {bytes, path}."""
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _media_cell(value: object, column: str, arrow_type: object) -> bytes:
+    """A Parquet media cell: raw bytes or an HF `Image`/`Video` struct {bytes, path}; anything else
+    is a `wrong_column_type` MediaError naming the column and its type."""
     if isinstance(value, dict):
         value = value.get("bytes")
-    return value
+    if value is None:
+        return b""
+    if isinstance(value, bytes):
+        return value
+    raise MediaError("wrong_column_type", f"column {column!r} is {arrow_type} (this row: {type(value).__name__} "
+                                          f"{_short(value)}); expected binary or an {{bytes, path}} struct")
+
+
+def _text_cell(value: object, column: str, arrow_type: object) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    raise MediaError("wrong_column_type", f"column {column!r} is {arrow_type} (this row: {type(value).__name__} "
+                                          f"{_short(value)}); expected a string")
 
 
 class Fetcher:
@@ -279,6 +440,7 @@ class Fetcher:
     def __init__(self) -> None:
         self._group_key: tuple[str, int] | None = None
         self._group: list[dict] = []
+        self._types: dict[str, object] = {}
 
     def fetch(self, item: dict) -> Fetched:
         locator = json.loads(item["locator"])
@@ -289,7 +451,7 @@ class Fetcher:
             return render_item(locator["spec"], locator["item"])
         if kind == "parquet":
             return self._fetch_parquet(locator)
-        if kind == "error":  # found broken at listing (a damaged tar): quarantined with its reason
+        if kind == "error":  # found unusable at listing: quarantined with its reason
             raise MediaError(locator["reason"], locator["detail"])
         return self._fetch_files(locator)
 
@@ -311,18 +473,23 @@ class Fetcher:
     def _fetch_parquet(self, locator: dict) -> Fetched:
         key = (locator["uri"], locator["row_group"])
         if key != self._group_key:
+            self._group_key, self._group, self._types = None, [], {}
             fs, path = filesystem(locator["uri"])
-            with fs.open_input_file(path) as f:
-                self._group = pq.ParquetFile(f).read_row_group(locator["row_group"]).to_pylist()
+            try:
+                with fs.open_input_file(path) as f:
+                    table = pq.ParquetFile(f).read_row_group(locator["row_group"])
+            except (OSError, pa.ArrowException) as exc:
+                raise MediaError("unreadable_parquet", f"{locator['uri']} row group {locator['row_group']}: "
+                                                       f"{exc}"[:500]) from None
+            self._group, self._types = table.to_pylist(), {f.name: f.type for f in table.schema}
             self._group_key = key
         row = self._group[locator["row"]]
-        media = {slot: (_media_bytes(row[col]) or b"", kind)
+        media = {slot: (_media_cell(row[col], col, self._types.get(col)), kind)
                  for col, (slot, kind) in PARQUET_MEDIA[locator["layout"]].items()}
         text: dict[str, bytes | None] = dict.fromkeys(TEXT_FIELDS)
         for col, name in PARQUET_TEXT.items():
             if row.get(col) is not None:
-                value = row[col]
-                text[name] = value if isinstance(value, bytes) else str(value).encode("utf-8")
+                text[name] = _text_cell(row[col], col, self._types.get(col))
         return Fetched(media, text)
 
 

@@ -8,7 +8,8 @@ once per actor.
 
 - `InspectStage` (pass 1): fetch, decode, validate, score and filter each item, and hash it for
   dedup. It outputs small metadata rows only: a rejected item gets `status` + `reason`, never
-  disappears.
+  disappears. Any other exception one item raises is quarantined as `unexpected_error` (with the
+  exception in the detail, and logged), so no single item can stop a job.
 - `PrepareStage` (pass 2): fetch and decode the kept items again, choose the aspect bucket and make
   the VAE copy and the ViT copy of every slot the task needs (uint8 frames [F, H, W, 3]; a slot
   that needs no copy holds an empty [0, 0, 0, 3] array so the column stays one array type); with
@@ -19,6 +20,7 @@ once per actor.
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -41,6 +43,8 @@ from data_curation.filters import (
 from data_curation.media import Decoded, MediaError, check_size, decode_media, decode_text, encode_pixels
 from lance_platform.schema import SLOTS, tensor_to_bytes
 from data_curation.sources import TEXT_FIELDS, UNDERSTANDING_TASKS, Fetcher, main_slot
+
+log = logging.getLogger(__name__)
 
 EMPTY_FRAMES = np.zeros((0, 0, 0, 3), dtype=np.uint8)
 EDIT_TASKS = ("i2i", "v2v")
@@ -116,13 +120,26 @@ def load_item(fetcher: Fetcher, item: dict, cfg: CurationConfig) -> LoadedItem:
             "answer": decode_text(fetched.text["answer"], "answer", understanding, limit)}
     visuals = {}
     for slot, (data, kind) in fetched.media.items():
-        visuals[slot] = decode_media(data, kind, cfg.decode.target_fps, max_seconds)
+        visuals[slot] = decode_media(data, kind, cfg.decode.target_fps, max_seconds, cfg.checks.max_pixels,
+                                     tuple(cfg.decode.alpha_background))
         check_size(visuals[slot], cfg.checks.min_side, cfg.checks.max_side)
     main = main_slot(task)
     if main not in visuals:
         raise MediaError("missing_media", f"task {task} needs a {main} visual")
     is_video = fetched.media[main][1] == "video"
     return LoadedItem(fetched.sample_id(), visuals, text, is_video)
+
+
+def guarded_load(fetcher: Fetcher, item: dict, cfg: CurationConfig) -> LoadedItem:
+    """`load_item`, with any exception other than a MediaError turned into an `unexpected_error` one:
+    a reader or decoder failing in a way nobody planned for costs that item, not the job."""
+    try:
+        return load_item(fetcher, item, cfg)
+    except MediaError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one item's failure must not stop the job
+        log.warning("quarantined %s: unexpected %s", item.get("source_uri"), type(exc).__name__, exc_info=True)
+        raise MediaError("unexpected_error", f"{type(exc).__name__}: {exc}"[:500]) from None
 
 
 def _main_text(text: dict[str, str | None]) -> str:
@@ -150,7 +167,7 @@ class InspectStage:
         row = {"source_uri": item["source_uri"], "fingerprint": item["fingerprint"], "task": item["task"],
                "status": "ok", "reason": None, "detail": None}
         try:
-            loaded = load_item(self.fetcher, item, self.cfg)
+            loaded = guarded_load(self.fetcher, item, self.cfg)
         except MediaError as exc:
             return {**row, "status": "quarantined", "reason": exc.reason, "detail": exc.detail}
         main = loaded.visuals[main_slot(item["task"])]
@@ -204,7 +221,7 @@ class PrepareStage:
         row = {"sample_id": item["sample_id"], "task": task, "source_uri": item["source_uri"], "status": "ok",
                **{f"{s}_{c}_in": EMPTY_FRAMES for s in SLOTS for c in ("vae", "vit")}}
         try:
-            loaded = load_item(self.fetcher, item, self.cfg)
+            loaded = guarded_load(self.fetcher, item, self.cfg)
         except MediaError as exc:  # the item changed between the two passes
             return {**row, "status": "quarantined", "reason": exc.reason, "detail": exc.detail}
         if loaded.sample_id != item["sample_id"]:
@@ -330,12 +347,15 @@ class VitStage:
 
 
 class TokenizeStage:
-    """caption / question / answer -> `<field>_ids` with the model's tokenizer."""
+    """caption / question / answer -> `<field>_ids` with the model's tokenizer; `record` (name,
+    vocabulary size, fingerprint) goes into every shard and the manifest, so training can refuse
+    ids made by another tokenizer."""
 
     def __init__(self, tokenizer_spec: str) -> None:
-        from lance_model.tokenizer import load_tokenizer
+        from lance_model.tokenizer import load_tokenizer, tokenizer_record
 
         self.tokenizer = load_tokenizer(tokenizer_spec)
+        self.record = tokenizer_record(self.tokenizer)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for name in TEXT_FIELDS:
