@@ -28,6 +28,10 @@ from .ocr import OcrEngine, OcrError
 log = logging.getLogger(__name__)
 
 _QUOTED = re.compile(r'"([^"]*)"')
+# Typographic double quotes (word processors write these): not the straight " a target needs.
+_CURLY_QUOTES = re.compile("[\u201c\u201d\u201e\u201f\u00ab\u00bb\uff02\u301d\u301e]")
+_CURLY_HINT = ('; curly/typographic quotes (\u201c\u2026\u201d) found in {}: the target text must be in '
+               'straight double quotes ("...")')
 _SPACE = re.compile(r"\s+")
 
 
@@ -40,7 +44,9 @@ def target_text(prompt: str) -> str:
     """The first double-quoted span of `prompt` (raises `PromptError` if there is none, or it is empty)."""
     match = _QUOTED.search(prompt)
     if match is None or not normalize_text(match.group(1)):
-        raise PromptError(f'prompt {prompt!r} has no non-empty double-quoted target text (e.g. a sign that says "OPEN")')
+        hint = _CURLY_HINT.format("it") if _CURLY_QUOTES.search(prompt) else ""
+        raise PromptError(f'prompt {prompt!r} has no non-empty double-quoted target text '
+                          f'(e.g. a sign that says "OPEN"){hint}')
     return match.group(1)
 
 
@@ -48,15 +54,18 @@ def check_prompts(prompts: Sequence[str], labels: Sequence[str] | None = None, s
     """Reject, before any work, every prompt the OCR reward cannot score (all named at once, by
     `labels` when given, e.g. file line numbers, else by index; `source` prefixes the message)."""
     labels = labels if labels is not None else [f"#{i}" for i in range(len(prompts))]
-    bad = []
+    bad, curly = [], []
     for label, p in zip(labels, prompts):
         try:
             target_text(p)
         except PromptError:
             bad.append(f"{label}: {p!r}")
+            if _CURLY_QUOTES.search(p):
+                curly.append(str(label))
     if bad:
         shown = "; ".join(bad[:10]) + (f"; ... (+{len(bad) - 10})" if len(bad) > 10 else "")
-        raise PromptError(f"{source}{len(bad)} prompt(s) without a double-quoted target text: {shown}")
+        hint = _CURLY_HINT.format(", ".join(curly[:10]) + (" ..." if len(curly) > 10 else "")) if curly else ""
+        raise PromptError(f"{source}{len(bad)} prompt(s) without a double-quoted target text: {shown}{hint}")
 
 
 def normalize_text(text: str) -> str:
