@@ -13,11 +13,12 @@ names exist as far as readers and later refreshes are concerned. A run that cras
 commit left files the manifest does not name; `remove_uncommitted` deletes them at the start of the
 next run, which then redoes that work. Hence a crash followed by a re-run gives exactly the rows of
 an uninterrupted run: nothing duplicated, nothing lost. The ledger is append-only (one part per
-run), so committing a refresh costs only its own items.
+run), so committing a refresh costs only its own items. Each shard's manifest entry records its size
+and sha256; readers (`shard_paths`, and `lance_platform.schema.read_shard` / `check_version` used by
+training) verify a shard against them before reading it, once per file per process.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_curation.dedup import Candidate
-from lance_platform.schema import SCHEMA_VERSION, write_shard
+from lance_platform.schema import SCHEMA_VERSION, sha256_file, verify_shard, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +49,6 @@ QUARANTINE_SCHEMA = pa.schema([("source_uri", pa.string()), ("task", pa.string()
 
 class DatasetMismatchError(ValueError):
     """An existing curated dataset cannot take this run's rows (other encoders, or curate over it)."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_table_atomic(table: pa.Table, path: Path) -> None:
@@ -127,6 +120,18 @@ class CuratedDataset:
         if removed:
             log.warning("removed %d uncommitted file(s) of an interrupted run under %s", len(removed), self.root)
         return removed
+
+    def shard_paths(self, manifest: Manifest | None = None, verify: bool = True) -> list[Path]:
+        """The committed shard files, each checked against its manifest size and sha256 (hashed once
+        per process while the file is unchanged; a mismatch raises `ShardChecksumError` naming it)."""
+        manifest = manifest or self.load_manifest()
+        paths = []
+        for entry in manifest.shards:
+            path = self.root / entry["path"]
+            if verify:
+                verify_shard(path, entry["sha256"], entry.get("bytes"))
+            paths.append(path)
+        return paths
 
     # ------------------------------------------------------------------ ledger
     def read_ledger(self, manifest: Manifest) -> pa.Table:

@@ -5,6 +5,10 @@ This module is the contract between curation (writer) and training (reader):
 - tensors (VAE posterior means, ViT tokens) are stored as raw bf16 bytes with their shape;
 - the schema version and the encoder description live in the Parquet key-value metadata, and a
   reader refuses a shard whose version it does not know, naming both versions;
+- a shard listed in a curated dataset's `manifest.json` (`<root>/shards/<name>.parquet`) is checked
+  against the manifest's sha256 before it is read (`verify_shard`, called by `check_version` and
+  `read_shard`): once per file per process (cached by path, size and mtime), streaming the file; a
+  mismatch raises `ShardChecksumError` naming the file;
 - `row_to_sample` turns a row into the `lance_model` sample the packer consumes.
 
 Latent layout on disk: [t, h, w, c] (channels last, as DATA.md writes the shape), converted to the
@@ -12,8 +16,11 @@ model's [c, t, h, w] on read. ViT tokens: [n, d] merged tokens with the ViT patc
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +40,21 @@ SHARD_TASKS = ("t2i", "t2v", "i2v", "i2i", "v2v", "i2t", "v2t")
 MODEL_TASK = {"t2i": "t2i", "t2v": "t2v", "i2v": "i2v", "i2i": "image_edit", "v2v": "video_edit",
               "i2t": "i2t", "v2t": "v2t"}
 SLOTS = ("target", "source")
+MANIFEST_NAME = "manifest.json"
+
+log = logging.getLogger(__name__)
 
 
 class SchemaVersionError(ValueError):
     """A shard was written with a schema version this reader does not know."""
+
+
+class ShardChecksumError(ValueError):
+    """A shard file's bytes do not match the sha256 (or size) its dataset manifest recorded."""
+
+    def __init__(self, path: str | Path, detail: str) -> None:
+        super().__init__(f"corrupt shard {path}: {detail}")
+        self.path = str(path)
 
 
 def shard_schema() -> pa.Schema:
@@ -105,7 +123,78 @@ def shard_version(path: str | Path) -> int | None:
     return int(raw) if raw is not None else None
 
 
+# ---------------------------------------------------------------------------------------- checksums
+_verified: dict[str, tuple[int, int, str]] = {}       # real path -> (size, mtime_ns, sha256) verified
+_manifests: dict[str, tuple[int, int, dict]] = {}     # manifest path -> (size, mtime_ns, {rel: entry})
+_lock = threading.Lock()
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """The hex sha256 of a file, read in chunks (never whole into memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_bytes), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _manifest_entries(manifest: Path) -> dict[str, dict]:
+    st = manifest.stat()
+    key = str(manifest)
+    with _lock:
+        cached = _manifests.get(key)
+    if cached and cached[:2] == (st.st_size, st.st_mtime_ns):
+        return cached[2]
+    data = json.loads(manifest.read_text())
+    entries = {e["path"]: e for e in data.get("shards", []) if isinstance(e, dict) and "path" in e}
+    with _lock:
+        _manifests[key] = (st.st_size, st.st_mtime_ns, entries)
+    return entries
+
+
+def manifest_entry(path: str | Path) -> dict | None:
+    """The manifest entry ({path, rows, bytes, sha256, ...}) of a shard of a curated dataset: from
+    the `manifest.json` of the shard's directory or the one above it that lists the file; else None."""
+    path = Path(path).absolute()
+    for root in (path.parent, path.parent.parent):
+        manifest = root / MANIFEST_NAME
+        if manifest.is_file():
+            entry = _manifest_entries(manifest).get(path.relative_to(root).as_posix())
+            if entry is not None:
+                return entry
+    return None
+
+
+def verify_shard(path: str | Path, sha256: str | None = None, size: int | None = None) -> bool:
+    """Check a shard file against its expected sha256 (and size): the ones given, else those of the
+    manifest that lists it. False when there is nothing to check against, True when the file matches;
+    `ShardChecksumError` naming the file when it does not. Each file is hashed once per process while
+    its size and mtime stay the same."""
+    if sha256 is None:
+        entry = manifest_entry(path)
+        if entry is None or not entry.get("sha256"):
+            return False
+        sha256, size = entry["sha256"], entry.get("bytes")
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    with _lock:
+        done = _verified.get(real)
+    if done == (st.st_size, st.st_mtime_ns, sha256):
+        return True
+    if size is not None and st.st_size != size:
+        raise ShardChecksumError(path, f"{st.st_size} bytes, the manifest recorded {size}")
+    found = sha256_file(real)
+    if found != sha256:
+        raise ShardChecksumError(path, f"sha256 {found} does not match the manifest's {sha256}")
+    with _lock:
+        _verified[real] = (st.st_size, st.st_mtime_ns, sha256)
+    log.debug("verified shard %s (sha256 %s)", path, sha256[:16])
+    return True
+
+
 def check_version(path: str | Path) -> None:
+    """Refuse a shard that is corrupt (`verify_shard`) or of a schema version this reader does not know."""
+    verify_shard(path)
     found = shard_version(path)
     if found != SCHEMA_VERSION:
         raise SchemaVersionError(f"{path}: shard schema version {found} is not supported by this reader "
