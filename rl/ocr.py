@@ -11,6 +11,9 @@ here, once, and callers always hand over RGB.
 - `PaddleOcrEngine`: PaddleOCR 3.x (the optional `paddle` extra). It downloads models unless it is
   given local directories, so the directories are required, checked before the import, and the
   package is imported only when this engine is built.
+- `RecognizerLikelihood`: the probability RapidOCR's recogniser gives a target string on an image
+  (CTC over its per-time-step character probabilities), the dense `ocr_ctc` reward component;
+  `RapidOcrEngine.likelihood` serves it (engines with `supports_likelihood`).
 - `build_ocr_engine`: `auto` picks PaddleOCR when its model directories are configured and the
   package imports, else RapidOCR, and logs the choice.
 
@@ -20,6 +23,7 @@ actor its own engine, which is also why the default is one ONNX thread per engin
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +82,7 @@ class OcrEngine:
     """Reads the text in RGB uint8 images. Subclasses implement `_read_bgr` for one image."""
 
     name = "ocr"
+    supports_likelihood = False  # True when `likelihood` is implemented (the dense `ocr_ctc` reward)
 
     def read(self, images: list[np.ndarray]) -> list[str]:
         """Recognised text per image, lines joined by spaces. Raises `OcrError` if any image fails
@@ -94,6 +99,11 @@ class OcrEngine:
 
     def _read_bgr(self, image: np.ndarray) -> str:
         raise NotImplementedError
+
+    def likelihood(self, images: list[np.ndarray], targets: list[str]) -> list[float]:
+        """Per-character probability the recogniser gives each target in its image (see
+        `RecognizerLikelihood`). Raises `OcrError` if it fails on any image."""
+        raise NotImplementedError(f"the {self.name} engine has no recogniser likelihood")
 
 
 # ------------------------------------------------------------------------------------ RapidOCR
@@ -157,11 +167,102 @@ class RapidOcrEngine(OcrEngine):
                                        "download one; set reward.ocr.rapid_rec_keys to a local dictionary file")
         self._ocr = RapidOCR(params=params)
         self.models = paths
+        self._likelihood: RecognizerLikelihood | None = None
+        if not cfg.rapid_rec_keys:  # the likelihood reads the table embedded in the rec model
+            self._likelihood = RecognizerLikelihood(paths["rec"], cfg.threads)
+        self.supports_likelihood = self._likelihood is not None
+
+    def likelihood(self, images: list[np.ndarray], targets: list[str]) -> list[float]:
+        if self._likelihood is None:
+            return super().likelihood(images, targets)
+        try:
+            return self._likelihood.score([np.asarray(im, dtype=np.uint8) for im in images], list(targets))
+        except (ValueError, OcrError):
+            raise
+        except Exception as exc:  # onnxruntime / OpenCV internals raise anything
+            raise OcrError(f"{self.name} likelihood failed on {len(images)} image(s): {exc}") from exc
 
     def _read_bgr(self, image: np.ndarray) -> str:
         result = self._ocr(image)
         texts = getattr(result, "txts", None)
         return " ".join(texts) if texts else ""
+
+
+class RecognizerLikelihood:
+    """How likely the PP-OCR *recogniser* finds a target string in an image: its CTC probability.
+
+    The image is treated as one text line: resized to the recogniser's input height (48) keeping
+    its aspect ratio (width capped at 320 = 40 time steps), normalised and right-padded exactly as
+    RapidOCR prepares a detected line. The recogniser gives per-time-step character probabilities;
+    with each letter's upper and lower case merged into one class (the OCR reward ignores case),
+    and the space merged into the CTC blank (it ignores whitespace), the CTC forward algorithm
+    (`torch.nn.functional.ctc_loss`) sums the probability of every alignment of the normalised
+    target. `score` returns its per-character geometric mean, exp(log P / len(target)) in [0, 1]:
+    about 1 for a clean rendering of the target, orders of magnitude lower for another word or
+    noise, and never exactly 0, so it ranks images the text reward scores equally (all 0).
+    Characters the recogniser's table lacks make the probability 0.
+    """
+
+    HEIGHT, MAX_WIDTH = 48, 320
+
+    def __init__(self, model: Path, threads: int = 1) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        self.session = onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "character" not in meta:
+            raise OcrEngineUnavailable(f"{model} has no embedded character table: the CTC likelihood needs one")
+        # Output classes: 0 = CTC blank, 1..n = the table, n + 1 = space (PaddleOCR's CTC layout).
+        table = meta["character"].splitlines()
+        self.space_index = len(table) + 1
+        self.classes: dict[str, list[int]] = {}
+        for i, char in enumerate(table, 1):
+            if len(char) == 1:
+                self.classes.setdefault(char.lower(), []).append(i)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def _prepare(self, image: np.ndarray) -> np.ndarray:
+        import cv2
+
+        h, w = image.shape[:2]
+        width = min(self.MAX_WIDTH, max(1, math.ceil(self.HEIGHT * w / h)))
+        resized = cv2.resize(rgb_to_bgr(image), (width, self.HEIGHT)).astype(np.float32)
+        out = np.zeros((3, self.HEIGHT, self.MAX_WIDTH), dtype=np.float32)
+        out[:, :, :width] = (resized.transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
+        return out
+
+    def probabilities(self, images: list[np.ndarray]) -> np.ndarray:
+        """Per-time-step class probabilities [N, T, classes] of RGB uint8 images."""
+        batch = np.stack([self._prepare(np.asarray(im, dtype=np.uint8)) for im in images])
+        return self.session.run(None, {self.input_name: batch})[0]
+
+    def score(self, images: list[np.ndarray], targets: list[str]) -> list[float]:
+        """Per-character CTC probability of each (normalised) target in its image."""
+        import torch
+
+        if len(images) != len(targets):
+            raise ValueError(f"{len(images)} images but {len(targets)} targets")
+        if not images:
+            return []
+        probs = self.probabilities(images)
+        scores = []
+        for p, target in zip(probs, targets):
+            text = "".join(target.lower().split())
+            if not text:
+                raise ValueError(f"empty target text {target!r}")
+            if any(c not in self.classes for c in text):
+                scores.append(0.0)
+                continue
+            distinct = sorted(set(text))
+            columns = [p[:, 0] + p[:, self.space_index]] + [p[:, self.classes[c]].sum(axis=1) for c in distinct]
+            log_probs = torch.from_numpy(np.log(np.maximum(np.stack(columns, axis=1), 1e-30))).double()
+            labels = torch.tensor([[distinct.index(c) + 1 for c in text]])
+            nll = torch.nn.functional.ctc_loss(log_probs[:, None, :], labels, torch.tensor([p.shape[0]]),
+                                               torch.tensor([len(text)]), blank=0, reduction="sum")
+            scores.append(float(math.exp(-float(nll) / len(text))) if math.isfinite(float(nll)) else 0.0)
+        return scores
 
 
 # ------------------------------------------------------------------------------------ PaddleOCR

@@ -11,7 +11,17 @@ The reward is checked up front and cheap to reason about:
 
 Several components can be computed from one OCR pass (`REWARD_COMPONENTS`, name -> function of
 (recognised, target)); `combine_rewards` applies the configured name -> weight mapping and the
-weighted sum drives the advantages while every component is logged. `OcrReward` is the callable
+weighted sum drives the advantages while every component is logged.
+
+`ocr_ctc` (LIKELIHOOD_COMPONENT) is a dense component for engines with a recogniser likelihood
+(RapidOCR, `rl.ocr.RecognizerLikelihood`): the per-character CTC probability the recogniser gives
+the target on the whole image read as one text line, in [0, 1]. The text components are 0 for
+every image a model cannot yet render legibly, so a group of such images has no spread and GRPO
+skips it; `ocr_ctc` still ranks them by how much the recogniser sees the target in them (a clean
+small rendering of the target scores ~1, another word ~1e-7, noise ~1e-3). It assumes the text
+fills the image (small images such as the demo's 32 x 32); on a large scene with small text the
+detect-then-read `ocr` component is the measure. An engine without a likelihood (PaddleOCR) does
+not compute it, and weighting it then fails with the missing component named. `OcrReward` is the callable
 class a Ray actor holds (`rl.actors`); it is also usable without Ray.
 """
 from __future__ import annotations
@@ -102,16 +112,18 @@ def ocr_exact(recognized: str, target: str) -> float:
 
 
 REWARD_COMPONENTS: dict[str, Callable[[str, str], float]] = {"ocr": ocr_similarity, "ocr_exact": ocr_exact}
+LIKELIHOOD_COMPONENT = "ocr_ctc"  # from the image itself, not the recognised text (engine.likelihood)
+COMPONENT_NAMES = (*REWARD_COMPONENTS, LIKELIHOOD_COMPONENT)
 
 
 def check_weights(weights: dict[str, float], prefix: str = "reward.weights") -> None:
     from lance_platform.config import ConfigError
 
     if not weights:
-        raise ConfigError(f"{prefix}={weights!r}: expected at least one of {sorted(REWARD_COMPONENTS)}")
+        raise ConfigError(f"{prefix}={weights!r}: expected at least one of {sorted(COMPONENT_NAMES)}")
     for name, w in weights.items():
-        if name not in REWARD_COMPONENTS:
-            raise ConfigError(f"{prefix}.{name}: unknown reward; known: {sorted(REWARD_COMPONENTS)}")
+        if name not in COMPONENT_NAMES:
+            raise ConfigError(f"{prefix}.{name}: unknown reward; known: {sorted(COMPONENT_NAMES)}")
         if not isinstance(w, (int, float)) or isinstance(w, bool) or not np.isfinite(w):
             raise ConfigError(f"{prefix}.{name}={w!r}: expected a finite number")
 
@@ -157,7 +169,8 @@ class RewardBatch:
 class OcrReward:
     """Scores images (RGB uint8 [H, W, 3]) or videos ([F, H, W, 3], every `frame_stride`-th frame)
     against their prompts' quoted text with one OCR engine; returns every component in
-    REWARD_COMPONENTS (they all come from the same OCR pass)."""
+    REWARD_COMPONENTS (they all come from the same OCR pass), plus `ocr_ctc` when the engine has a
+    recogniser likelihood (`engine.supports_likelihood`)."""
 
     def __init__(self, engine: OcrEngine, frame_stride: int = 1) -> None:
         if frame_stride < 1:
@@ -188,6 +201,21 @@ class OcrReward:
                 texts.append(None)
         return texts
 
+    def _likelihood_all(self, frames: list[np.ndarray], targets: list[str]) -> list[float | None]:
+        """`ocr_ctc` per frame; one batched call, and on failure one frame at a time (None = failed)."""
+        try:
+            return list(self.engine.likelihood(frames, targets))
+        except OcrError:
+            pass
+        scores: list[float | None] = []
+        for frame, target in zip(frames, targets):
+            try:
+                scores.append(self.engine.likelihood([frame], [target])[0])
+            except OcrError as exc:
+                log.warning("OCR likelihood failed on one image (reward 0): %s", exc)
+                scores.append(None)
+        return scores
+
     def __call__(self, items: Sequence[np.ndarray], prompts: Sequence[str]) -> RewardBatch:
         if len(items) != len(prompts):
             raise ValueError(f"{len(items)} images but {len(prompts)} prompts")
@@ -204,7 +232,14 @@ class OcrReward:
             per_item.append((len(frames), len(fs)))
             frames.extend(fs)
         texts = self._read_all(frames)
+        dense = getattr(self.engine, "supports_likelihood", False)
+        likelihoods: list[float | None] = []
+        if dense and frames:
+            frame_targets = [t for (_, n), t in zip(per_item, targets) for _ in range(n)]
+            likelihoods = self._likelihood_all(frames, frame_targets)
         components: dict[str, list[float]] = {name: [] for name in REWARD_COMPONENTS}
+        if dense:
+            components[LIKELIHOOD_COMPONENT] = []
         joined = []
         for i, ((start, n), target) in enumerate(zip(per_item, targets)):
             item_texts = texts[start:start + n]
@@ -214,5 +249,11 @@ class OcrReward:
             for name, fn in REWARD_COMPONENTS.items():
                 scores = [fn(t, target) if t is not None else 0.0 for t in item_texts]
                 components[name].append(video_frame_score(scores) if n != 1 else scores[0])
+            if dense:
+                item_scores = likelihoods[start:start + n]
+                if any(s is None for s in item_scores) and i not in failed:
+                    failed.append(i)
+                scores = [s if s is not None else 0.0 for s in item_scores]
+                components[LIKELIHOOD_COMPONENT].append(video_frame_score(scores) if n != 1 else scores[0])
         failed.sort()
         return RewardBatch(components, joined, len(failed), failed)
