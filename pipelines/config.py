@@ -134,8 +134,6 @@ class StageConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     log_every: int = 1
-    # Fault injection for resilience drills: the worker of rank 0 raises once at this step.
-    fail_once_at_step: int = -1
 
     def validate(self, require_shards: bool = True) -> StageConfig:
         from lance_model.config import PRESETS

@@ -317,15 +317,10 @@ def train_loop(config: dict[str, Any]) -> None:
         tracker = Tracker(config["tracking_uri"], config.get("experiment", "lance"))
         tracker.start(stage.name, run_id=config["run_id"])
 
-    fail_marker = Path(config.get("storage_dir", ".")) / ".fault_injected"
     model.train()
     last_metrics: dict[str, float] = {}
     for step in range(start, stage.steps):
         t0 = time.perf_counter()
-        if step == stage.fail_once_at_step and rank == 0 and not fail_marker.exists():
-            fail_marker.parent.mkdir(parents=True, exist_ok=True)
-            fail_marker.write_text(str(step))
-            raise RuntimeError(f"injected failure at step {step} (fail_once_at_step)")
         batch, stats = packer.next_pack(step)
         batch = batch.to(device)
         ce_n, mse_n, tokens = parallel.all_reduce_sum(

@@ -46,3 +46,43 @@ def shard_dir(tmp_path):
 @pytest.fixture
 def row_factory():
     return make_rows
+
+
+@pytest.fixture
+def fail_once_at_step(monkeypatch):
+    """`arm(step)`: in the next `run_stage`, the rank-0 worker raises once when it is about to pack
+    `step`, leaving `<stage dir>/.fault_injected` (holding the step) so that the restarted worker
+    goes on; Ray Train then resumes the stage from its last checkpoint. Test-only fault injection:
+    the entry point `run_stage` hands to Ray Train is replaced by one that patches the packer inside
+    the worker process (a nested function, so Ray ships it by value)."""
+    import pipelines.trainer as trainer
+
+    def arm(fail_step: int) -> None:
+        def failing_entry(config: dict) -> None:
+            from pathlib import Path
+
+            import ray.train
+
+            from pipelines import batching
+            from pipelines.train_loop import train_loop
+
+            marker = Path(config["storage_dir"]) / ".fault_injected"
+            rank = ray.train.get_context().get_world_rank()
+            original = batching.Packer.next_pack
+
+            def next_pack(self, step, *args, **kwargs):
+                if step == fail_step and rank == 0 and not marker.exists():
+                    marker.parent.mkdir(parents=True, exist_ok=True)
+                    marker.write_text(str(step))
+                    raise RuntimeError(f"injected failure at step {step}")
+                return original(self, step, *args, **kwargs)
+
+            batching.Packer.next_pack = next_pack
+            try:
+                train_loop(config)
+            finally:
+                batching.Packer.next_pack = original
+
+        monkeypatch.setattr(trainer, "_train_loop_entry", failing_entry)
+
+    return arm

@@ -37,7 +37,8 @@ def stage(shards, *extra: str):
         "data.holdout_per_group=1", *extra])
 
 
-def test_stage_resumes_after_a_worker_failure_to_the_same_weights(ray_local, tmp_path, shard_dir, monkeypatch):
+def test_stage_resumes_after_a_worker_failure_to_the_same_weights(ray_local, tmp_path, shard_dir, monkeypatch,
+                                                                 fail_once_at_step):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     reference = run_stage(stage(shard_dir), tmp_path / "a")
 
@@ -55,7 +56,8 @@ def test_stage_resumes_after_a_worker_failure_to_the_same_weights(ray_local, tmp
     assert {"samples_step000007.png", "answers_step000007.json"} <= validation
 
     # The same stage with a worker that raises once at step 5 resumes from the step-3 checkpoint.
-    resumed = run_stage(stage(shard_dir, "fail_once_at_step=5"), tmp_path / "b")
+    fail_once_at_step(5)
+    resumed = run_stage(stage(shard_dir), tmp_path / "b")
     assert (tmp_path / "b" / "pt" / ".fault_injected").read_text() == "5"
     a, b = read_tensors(reference.checkpoint / "model.safetensors"), read_tensors(resumed.checkpoint / "model.safetensors")
     assert a.keys() == b.keys()
