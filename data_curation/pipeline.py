@@ -212,7 +212,8 @@ def _run(cfg, mode, dataset, manifest, model_cfg, encoder, on_shard, tracker) ->
     work = [{**asdict(by_uri[r["source_uri"]]), "sample_id": r["sample_id"]} for r in kept]
 
     run = len(manifest.runs)
-    writer = ShardWriter(dataset, run, cfg.output.target_shard_bytes, encoder, on_shard)
+    writer = ShardWriter(dataset, run, cfg.output.target_shard_bytes, encoder, on_shard,
+                         tokenizer=TokenizeStage(model_cfg.tokenizer).record)
     late_rejects: dict[str, dict] = {}
     buckets: Counter = Counter()
     if work:
@@ -239,7 +240,7 @@ def _run(cfg, mode, dataset, manifest, model_cfg, encoder, on_shard, tracker) ->
                   "counts": counts, "mlflow_run_id": tracker.run_id if tracker else None}
     rejected = [quarantine_row(r, STAGE_OF_STATUS[r["status"]]) for r in inspected if r["status"] != "ok"]
     manifest = dataset.commit(manifest, run_record, writer.shards, [ledger_row(r, run) for r in inspected],
-                              rejected, report_rel, encoder)
+                              rejected, report_rel, encoder, tokenizer=writer.tokenizer)
     log.info("%s run %d: %d rows in %d shards; counts %s", mode, run, counts["curated"], len(writer.shards), counts)
     if tracker:
         _log_run(tracker, dataset, counts, report_rel)

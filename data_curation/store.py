@@ -1,7 +1,8 @@
 """The curated dataset on disk: shards, ledger, quarantine tables, reports and the manifest.
 
 ```
-<dir>/manifest.json                       the commit point: shards, ledger parts, runs
+<dir>/manifest.json                       the commit point: shards (with rows per task), ledger parts, runs,
+                                          the tokenizer record of the token ids
 <dir>/shards/run-RRRRR-SSSSS.parquet      curated rows (schema.write_shard, atomic per shard)
 <dir>/ledger/run-RRRRR.parquet            every source item a run processed and its outcome
 <dir>/quarantine/run-RRRRR.parquet        rejected items: stage, reason, detail
@@ -24,6 +25,7 @@ import logging
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,14 +74,24 @@ class Manifest:
     ledger: list[str] = field(default_factory=list)
     runs: list[dict] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
+    tokenizer: dict | None = None  # tokenizer_record of the tokenizer that made the shards' token ids
 
     @property
     def total_rows(self) -> int:
         return sum(s["rows"] for s in self.shards)
 
+    def task_counts(self) -> dict[str, int] | None:
+        """Rows per task over all shards (None when a shard entry predates per-task counts)."""
+        if any("tasks" not in s for s in self.shards):
+            return None
+        total: Counter = Counter()
+        for s in self.shards:
+            total.update(s["tasks"])
+        return dict(total)
+
     def to_dict(self) -> dict:
-        return {"schema_version": self.schema_version, "encoder": self.encoder, "total_rows": self.total_rows,
-                "shards": self.shards, "ledger": self.ledger, "runs": self.runs}
+        return {"schema_version": self.schema_version, "encoder": self.encoder, "tokenizer": self.tokenizer,
+                "total_rows": self.total_rows, "shards": self.shards, "ledger": self.ledger, "runs": self.runs}
 
     def referenced(self) -> set[str]:
         paths = {s["path"] for s in self.shards} | set(self.ledger)
@@ -103,7 +115,7 @@ class CuratedDataset:
         if data.get("schema_version") != SCHEMA_VERSION:
             raise DatasetMismatchError(f"{self.manifest_path}: schema version {data.get('schema_version')} is not "
                                        f"supported by this curation (version {SCHEMA_VERSION})")
-        return Manifest(data["encoder"], data["shards"], data["ledger"], data["runs"])
+        return Manifest(data["encoder"], data["shards"], data["ledger"], data["runs"], tokenizer=data.get("tokenizer"))
 
     def remove_uncommitted(self, manifest: Manifest) -> list[Path]:
         """Delete what a crashed run left behind (files and report dirs the manifest does not name)."""
@@ -149,8 +161,13 @@ class CuratedDataset:
 
     # ------------------------------------------------------------------ commit
     def commit(self, manifest: Manifest, run: dict, shards: list[dict], ledger_rows: list[dict],
-               quarantine_rows: list[dict], report_dir: str | None, encoder: dict) -> Manifest:
-        """Write the run's ledger part and quarantine table, then replace the manifest (the commit)."""
+               quarantine_rows: list[dict], report_dir: str | None, encoder: dict,
+               tokenizer: dict | None = None) -> Manifest:
+        """Write the run's ledger part and quarantine table, then replace the manifest (the commit).
+        `tokenizer`: the record of the tokenizer that made this run's token ids."""
+        if shards and manifest.tokenizer is not None and tokenizer != manifest.tokenizer:
+            raise DatasetMismatchError(f"{self.root} holds token ids of tokenizer {manifest.tokenizer}; this run's "
+                                       f"are of {tokenizer}: ids must not mix")
         tag = f"run-{run['run']:05d}"
         ledger_path = f"ledger/{tag}.parquet"
         write_table_atomic(pa.Table.from_pylist(ledger_rows, schema=LEDGER_SCHEMA), self.root / ledger_path)
@@ -158,7 +175,8 @@ class CuratedDataset:
         write_table_atomic(pa.Table.from_pylist(quarantine_rows, schema=QUARANTINE_SCHEMA),
                            self.root / quarantine_path)
         run = {**run, "quarantine": quarantine_path, "report": report_dir, "committed": time.time()}
-        new = Manifest(encoder, manifest.shards + shards, manifest.ledger + [ledger_path], manifest.runs + [run])
+        new = Manifest(encoder, manifest.shards + shards, manifest.ledger + [ledger_path], manifest.runs + [run],
+                       tokenizer=(tokenizer or manifest.tokenizer) if shards else manifest.tokenizer)
         write_json_atomic(new.to_dict(), self.manifest_path)
         return new
 
@@ -167,11 +185,12 @@ class ShardWriter:
     """Buffers rows and writes a shard (atomically) whenever the buffer reaches `target_bytes`."""
 
     def __init__(self, dataset: CuratedDataset, run: int, target_bytes: int, encoder: dict,
-                 on_shard: Callable[[dict], None] | None = None) -> None:
+                 on_shard: Callable[[dict], None] | None = None, tokenizer: dict | None = None) -> None:
         self.dataset = dataset
         self.run = run
         self.target_bytes = target_bytes
         self.encoder = encoder
+        self.tokenizer = tokenizer
         self.on_shard = on_shard
         self.shards: list[dict] = []
         self._rows: list[dict] = []
@@ -199,9 +218,9 @@ class ShardWriter:
         if not self._rows:
             return
         rel = f"shards/run-{self.run:05d}-{len(self.shards):05d}.parquet"
-        path = write_shard(self._rows, self.dataset.root / rel, encoder=self.encoder)
+        path = write_shard(self._rows, self.dataset.root / rel, encoder=self.encoder, tokenizer=self.tokenizer)
         entry = {"path": rel, "rows": len(self._rows), "bytes": path.stat().st_size, "sha256": sha256_file(path),
-                 "run": self.run}
+                 "run": self.run, "tasks": dict(sorted(Counter(r["task"] for r in self._rows).items()))}
         self.shards.append(entry)
         self._rows, self._bytes = [], 0
         if self.on_shard is not None:

@@ -103,7 +103,11 @@ class Visual:
 
 @dataclass
 class Sample:
-    """One training/inference sample. `source`: edit source, i2v first frame, x2t input, subject reference."""
+    """One training/inference sample. `source`: edit source, i2v first frame, x2t input, subject reference.
+
+    `caption_ids` / `answer_ids`: the caption's and the answer's token ids when they were tokenized
+    ahead (curated shards store them); the builder then uses them instead of encoding the text,
+    which stays for display. They must come from the builder's tokenizer."""
 
     task: str
     caption: str = ""
@@ -111,6 +115,8 @@ class Sample:
     target: Visual | None = None
     source: Visual | None = None
     system: str | None = None
+    caption_ids: list[int] | None = None
+    answer_ids: list[int] | None = None
 
     def validate(self) -> None:
         if self.task not in TASKS:
@@ -160,8 +166,8 @@ class SequenceBuilder:
         self.vs, self.ve = tokenizer.special_id(VISION_START), tokenizer.special_id(VISION_END)
 
     # ------------------------------------------------------------------ pieces
-    def _text(self, text: str, modality: int = TEMPLATE, ce: bool = False) -> Split:
-        return Split(CAUSAL, "text", modality, self.tok.encode(text), ce=ce)
+    def _text(self, text: str, modality: int = TEMPLATE, ce: bool = False, ids: list[int] | None = None) -> Split:
+        return Split(CAUSAL, "text", modality, list(ids) if ids is not None else self.tok.encode(text), ce=ce)
 
     def _vit(self, visual: Visual) -> Split:
         gt, gh, gw = visual.vit_grid
@@ -188,12 +194,14 @@ class SequenceBuilder:
                 splits.append(self._vit(src))
             if task in ("image_edit", "video_edit", "subject") and src.latent_shape is not None:
                 splits.append(self._vae(src, FULL, REFERENCE_VAE if task == "subject" else SOURCE_VAE))
-        if sample.caption and not drop_caption:
-            splits.append(self._text(sample.caption, CAPTION))
+        if (sample.caption or sample.caption_ids) and not drop_caption:
+            splits.append(self._text(sample.caption, CAPTION, ids=sample.caption_ids))
         splits.append(self._text(f"{IM_END}\n{IM_START}assistant\n"))
         if task in GENERATION_TASKS:
             splits.append(self._vae(sample.target, NOISE, TARGET))
             splits.append(self._text(IM_END))
+        elif sample.answer_ids is not None:
+            splits.append(self._text("", ce=True, ids=[*sample.answer_ids, self.tok.special_id(IM_END)]))
         elif sample.answer is not None:
             splits.append(self._text(sample.answer + IM_END, ce=True))
         splits = [s for s in splits if len(s) > 0]

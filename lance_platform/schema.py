@@ -3,13 +3,16 @@
 This module is the contract between curation (writer) and training (reader):
 - `shard_schema()`: the Arrow schema of schema version `SCHEMA_VERSION`;
 - tensors (VAE posterior means, ViT tokens) are stored as raw bf16 bytes with their shape;
-- the schema version and the encoder description live in the Parquet key-value metadata, and a
-  reader refuses a shard whose version it does not know, naming both versions;
+- the schema version, the encoder description and the tokenizer record (`tokenizer_record`: name,
+  vocabulary size, fingerprint) live in the Parquet key-value metadata; a reader refuses a shard
+  whose version it does not know, naming both versions, and `check_tokenizer` refuses token ids
+  made by another tokenizer than the reader's, naming both;
 - a shard listed in a curated dataset's `manifest.json` (`<root>/shards/<name>.parquet`) is checked
   against the manifest's sha256 before it is read (`verify_shard`, called by `check_version` and
   `read_shard`): once per file per process (cached by path, size and mtime), streaming the file; a
   mismatch raises `ShardChecksumError` naming the file;
-- `row_to_sample` turns a row into the `lance_model` sample the packer consumes.
+- `row_to_sample` turns a row into the `lance_model` sample the packer consumes, with the stored
+  caption / question / answer token ids (the text is not tokenized again).
 
 Latent layout on disk: [t, h, w, c] (channels last, as DATA.md writes the shape), converted to the
 model's [c, t, h, w] on read. ViT tokens: [n, d] merged tokens with the ViT patch grid (t, h, w).
@@ -29,11 +32,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from lance_platform.config import ConfigError
 from lance_model.sequence import Sample, Visual
 
 SCHEMA_VERSION = 1
 VERSION_KEY = b"lance.schema_version"
 ENCODER_KEY = b"lance.encoder"
+TOKENIZER_KEY = b"lance.tokenizer"
 
 SHARD_TASKS = ("t2i", "t2v", "i2v", "i2i", "v2v", "i2t", "v2t")
 # shard task -> model task
@@ -55,6 +60,10 @@ class ShardChecksumError(ValueError):
     def __init__(self, path: str | Path, detail: str) -> None:
         super().__init__(f"corrupt shard {path}: {detail}")
         self.path = str(path)
+
+
+class TokenizerMismatchError(ConfigError):
+    """Stored token ids were made by another tokenizer than the one that would read them."""
 
 
 def shard_schema() -> pa.Schema:
@@ -93,8 +102,10 @@ def bytes_to_tensor(data: bytes, shape: list[int] | tuple[int, ...]) -> torch.Te
 
 
 # ---------------------------------------------------------------------------------------- files
-def write_shard(rows: list[dict[str, Any]] | pa.Table, path: str | Path, encoder: dict | None = None) -> Path:
-    """Atomically write one shard (temporary name, then rename). Missing columns are null."""
+def write_shard(rows: list[dict[str, Any]] | pa.Table, path: str | Path, encoder: dict | None = None,
+                tokenizer: dict | None = None) -> Path:
+    """Atomically write one shard (temporary name, then rename). Missing columns are null.
+    `tokenizer`: the `tokenizer_record` of the tokenizer that made the rows' `*_ids`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     schema = shard_schema()
@@ -110,6 +121,8 @@ def write_shard(rows: list[dict[str, Any]] | pa.Table, path: str | Path, encoder
             raise ValueError(f"unknown shard columns: {unknown}")
         table = pa.Table.from_pylist([{n: r.get(n) for n in schema.names} for r in rows], schema=schema)
     meta = {VERSION_KEY: str(SCHEMA_VERSION).encode(), ENCODER_KEY: json.dumps(encoder or {}).encode()}
+    if tokenizer is not None:
+        meta[TOKENIZER_KEY] = json.dumps(tokenizer, sort_keys=True).encode()
     table = table.replace_schema_metadata(meta)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp, compression="zstd")
@@ -211,6 +224,27 @@ def shard_encoder(path: str | Path) -> dict:
     return json.loads(meta.get(ENCODER_KEY, b"{}"))
 
 
+def shard_tokenizer(path: str | Path) -> dict | None:
+    """The tokenizer record a shard was written with (None for a shard without one)."""
+    raw = (pq.read_schema(path).metadata or {}).get(TOKENIZER_KEY)
+    return json.loads(raw) if raw is not None else None
+
+
+def describe_tokenizer(record: dict) -> str:
+    return f"{record.get('name')!r} (vocab {record.get('vocab_size')}, fingerprint {record.get('fingerprint')})"
+
+
+def check_tokenizer(stored: dict, expected: dict, where: str, reader: str) -> None:
+    """Raise `TokenizerMismatchError` unless `stored` and `expected` are the same tokenizer
+    (same vocabulary size and fingerprint; the name is only for the message)."""
+    same = all(stored.get(k) == expected.get(k) for k in ("vocab_size", "fingerprint"))
+    if not same:
+        raise TokenizerMismatchError(
+            f"{where}: token ids were made with tokenizer {describe_tokenizer(stored)}, but {reader} uses "
+            f"tokenizer {describe_tokenizer(expected)}; curate the data again with this model's tokenizer "
+            "or train with the model the data was curated for")
+
+
 # ---------------------------------------------------------------------------------------- rows
 def row_visual(row: dict[str, Any], slot: str) -> Visual | None:
     lat, vit = row.get(f"{slot}_vae_latent"), row.get(f"{slot}_vit_tokens")
@@ -227,15 +261,24 @@ def row_visual(row: dict[str, Any], slot: str) -> Visual | None:
     return visual
 
 
+def _ids(row: dict[str, Any], name: str) -> list[int] | None:
+    ids = row.get(f"{name}_ids")
+    return None if ids is None else [int(i) for i in ids]
+
+
 def row_to_sample(row: dict[str, Any]) -> Sample:
-    """A shard row -> `lance_model.sequence.Sample` (text from the stored strings)."""
+    """A shard row -> `lance_model.sequence.Sample`, carrying the stored token ids of its text
+    (a row without `*_ids`, e.g. one written by hand, leaves them to the builder's tokenizer)."""
     task = row["task"]
     if task not in MODEL_TASK:
         raise ValueError(f"shard row {row.get('sample_id')}: task={task!r}, expected one of {SHARD_TASKS}")
     model_task = MODEL_TASK[task]
     target, source = row_visual(row, "target"), row_visual(row, "source")
     if model_task in ("i2t", "v2t"):
-        return Sample(model_task, row.get("question") or "", answer=row.get("answer"), source=source or target)
+        answer_ids = _ids(row, "answer") if row.get("answer") is not None else None
+        return Sample(model_task, row.get("question") or "", answer=row.get("answer"), source=source or target,
+                      caption_ids=_ids(row, "question"), answer_ids=answer_ids)
     if model_task == "i2v" and target is not None:
         target.clean_frames = 1
-    return Sample(model_task, row.get("caption") or "", target=target, source=source)
+    return Sample(model_task, row.get("caption") or "", target=target, source=source,
+                  caption_ids=_ids(row, "caption"))

@@ -43,19 +43,21 @@ class GroupStreams:
     """One ordered row stream per worker, routed into per-task-group queues.
 
     `open_rows()` yields one epoch of rows in a fixed order. Within each group, the first
-    `holdout` rows are reserved for validation and the rest are dealt round-robin to the workers
-    (this worker keeps the ones with index % world == rank). A single pass feeds every group, so
-    a worker runs one Ray Data stream, however many groups the mixture has.
+    `holdout` rows (one number for every group, or a number per group as the driver's
+    `plan_data` chose them) are reserved for validation and the rest are dealt round-robin to the
+    workers (this worker keeps the ones with index % world == rank). A single pass feeds every
+    group, so a worker runs one Ray Data stream, however many groups the mixture has.
 
     State (`state_dict`): the epoch, rows read in it, and the rows queued but not yet taken (a few
     rows, stored as they are) - enough to continue with exactly the next unseen samples.
     """
 
     def __init__(self, open_rows: Callable[[], Iterable[dict]], groups: dict[str, tuple[str, ...]],
-                 rank: int = 0, world: int = 1, holdout: int = 0) -> None:
-        self.open_rows, self.rank, self.world, self.holdout = open_rows, rank, world, holdout
+                 rank: int = 0, world: int = 1, holdout: int | dict[str, int] = 0) -> None:
+        self.open_rows, self.rank, self.world = open_rows, rank, world
         self.group_of = {task: g for g, tasks in groups.items() for task in tasks}
         self.queues: dict[str, deque] = {g: deque() for g in groups}
+        self.holdout = {g: int(holdout.get(g, 0) if isinstance(holdout, dict) else holdout) for g in groups}
         self.epoch, self.read = 0, 0
         self._it: Iterator[dict] | None = None
         self._seen: dict[str, int] = {}
@@ -72,9 +74,9 @@ class GroupStreams:
         group = self.group_of.get(row.get("task"))
         if group is None:
             return
-        j = self._seen[group]
+        j, held = self._seen[group], self.holdout[group]
         self._seen[group] = j + 1
-        if enqueue and j >= self.holdout and (j - self.holdout) % self.world == self.rank:
+        if enqueue and j >= held and (j - held) % self.world == self.rank:
             self.queues[group].append(row)
 
     def _fill(self, group: str) -> None:
@@ -90,7 +92,7 @@ class GroupStreams:
                 empty_epochs += 1
                 if empty_epochs > 1:
                     raise ValueError(f"task group {group!r} has no rows for worker {self.rank} (too few samples "
-                                     f"for {self.world} workers and a hold-out of {self.holdout})") from None
+                                     f"for {self.world} workers and a hold-out of {self.holdout[group]})") from None
 
     def peek(self, group: str) -> dict:
         self._fill(group)
@@ -102,9 +104,9 @@ class GroupStreams:
 
     def holdout_rows(self) -> list[dict]:
         """The reserved validation rows of every group (one extra pass over the epoch prefix)."""
-        if not self.holdout:
+        need = dict(self.holdout)
+        if not any(need.values()):
             return []
-        need = {g: self.holdout for g in self.queues}
         out = []
         for row in self.open_rows():
             g = self.group_of.get(row.get("task"))

@@ -1,4 +1,5 @@
-"""Fixtures for training tests: a small curated corpus written straight in the shard schema."""
+"""Fixtures for training tests: a small curated corpus written straight in the shard schema, with
+the token ids and the tokenizer record curation stores (the tiny preset's byte tokenizer)."""
 from __future__ import annotations
 
 import random
@@ -6,9 +7,17 @@ import random
 import pytest
 import torch
 
+from lance_model.tokenizer import ByteTokenizer, tokenizer_record
 from lance_platform.schema import tensor_to_bytes, write_shard
 
 WORDS = ["OPEN", "STOP", "EXIT", "SALE"]
+BYTES = ByteTokenizer()
+BYTE_RECORD = tokenizer_record(BYTES)
+
+
+def with_ids(row: dict) -> dict:
+    """The row with `<field>_ids` of its texts, as curation's tokenize stage stores them."""
+    return {**row, **{f"{k}_ids": BYTES.encode(row[k]) for k in ("caption", "question", "answer") if row.get(k)}}
 
 
 def make_rows(n: int, seed: int = 0, hidden: int = 64) -> list[dict]:
@@ -31,15 +40,15 @@ def make_rows(n: int, seed: int = 0, hidden: int = 64) -> list[dict]:
                      "source_vae_latent": tensor_to_bytes(lat), "source_vae_shape": [1, 2, 3, 48],
                      "source_vit_tokens": tensor_to_bytes(vit), "source_vit_shape": [6, hidden],
                      "source_vit_grid": [1, 4, 6]})
-    return rows
+    return [with_ids(r) for r in rows]
 
 
 @pytest.fixture
 def shard_dir(tmp_path):
     rows = make_rows(8)
     out = tmp_path / "shards"
-    write_shard(rows[:12], out / "shard-00000.parquet")
-    write_shard(rows[12:], out / "shard-00001.parquet")
+    write_shard(rows[:12], out / "shard-00000.parquet", tokenizer=BYTE_RECORD)
+    write_shard(rows[12:], out / "shard-00001.parquet", tokenizer=BYTE_RECORD)
     return out
 
 

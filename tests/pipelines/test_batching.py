@@ -1,9 +1,13 @@
 """Mixture schedule, per-worker row routing, packing and its resumable state (no Ray needed)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import torch
 
 from lance_model import LanceConfig
+from lance_model.attention import MaskLayout
 from lance_model.sequence import SequenceBuilder
 from lance_model.tokenizer import ByteTokenizer
 from pipelines.batching import GroupStreams, Packer, mixture_weights
@@ -84,3 +88,76 @@ def test_oversized_samples_are_skipped_and_counted(row_factory):
     packer.max_sample_tokens = 175  # shorter than a t2i sample (184 tokens), longer than an i2t one (167)
     batch, stats = packer.next_pack(0)
     assert set(batch.tasks) == {"i2t"} and stats.skipped_too_long > 0
+
+
+class TextSpy(ByteTokenizer):
+    """The byte tokenizer, remembering every text it was asked to encode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.texts: list[str] = []
+
+    def encode(self, text: str) -> list[int]:
+        self.texts.append(text)
+        return super().encode(text)
+
+
+def assert_same_batch(a, b) -> None:
+    """Every field of two packed batches: ids, labels, positions, indexes, latents, mask layout."""
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, MaskLayout):
+            for g in dataclasses.fields(x):
+                assert torch.equal(getattr(x, g.name), getattr(y, g.name)), f"layout.{g.name}"
+        elif isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and torch.equal(x, y), f.name
+        else:
+            assert x == y, f.name
+
+
+def test_packing_from_stored_ids_equals_packing_from_text(row_factory):
+    rows = row_factory(6)
+    texts = {r[k] for r in rows for k in ("caption", "question", "answer") if r.get(k)}
+    assert all(f"{k}_ids" in r for r in rows for k in ("caption", "question", "answer") if r.get(k))
+    without_ids = [{k: v for k, v in r.items() if not k.endswith("_ids")} for r in rows]
+    mixture = MixtureConfig(groups={"gen": TaskGroup(("t2i",)), "und": TaskGroup(("i2t",)),
+                                    "edit": TaskGroup(("i2i",))})
+    # CFG dropout on, so the caption-dropped renders are compared too
+    config = LanceConfig.from_preset("tiny", caption_dropout=0.3, condition_dropout=0.3)
+
+    def packer(source, tok):
+        streams = GroupStreams(lambda: iter(source), {k: g.tasks for k, g in mixture.groups.items()})
+        return Packer(streams, mixture, SequenceBuilder(tok), config, 1500, seed=5)
+
+    stored_tok, text_tok = TextSpy(), TextSpy()
+    stored, from_text = packer(rows, stored_tok), packer(without_ids, text_tok)
+    tasks, labels = set(), 0
+    for step in range(6):
+        a, _ = stored.next_pack(step)
+        b, _ = from_text.next_pack(step)
+        assert_same_batch(a, b)
+        tasks |= set(a.tasks)
+        labels += a.ce_labels.numel()
+    assert tasks == {"t2i", "i2t", "image_edit"} and labels > 0
+    # the stored path never tokenized a caption, question or answer; the text path did
+    assert not texts & {t.removesuffix("<|im_end|>") for t in stored_tok.texts}
+    assert texts & {t.removesuffix("<|im_end|>") for t in text_tok.texts}
+
+
+def test_stored_ids_are_what_gets_packed(row_factory):
+    """The ids in the row, not the text next to them, become the text tokens and CE labels."""
+    row = next(r for r in row_factory(1) if r["task"] == "i2t")
+    mixture = MixtureConfig(groups={"und": TaskGroup(("i2t",))})
+    changed = {**row, "answer_ids": ByteTokenizer().encode("EXIT")}
+    batches = [make_packer([r], mixture).next_pack(0)[0] for r in (row, changed)]
+    im_end = ByteTokenizer().special_id("<|im_end|>")
+    labels = [b.ce_labels.tolist() for b in batches]
+    assert labels[1][-5:] == [*b"EXIT", im_end]
+    assert labels[0][-len(row["answer"]) - 1:] == [*row["answer"].encode(), im_end]
+
+
+def test_per_group_holdout(row_factory):
+    rows = row_factory(4)
+    s = GroupStreams(lambda: iter(rows), {"gen": ("t2i",), "und": ("i2t",)}, 0, 1, holdout={"gen": 3, "und": 0})
+    assert [r["sample_id"] for r in s.holdout_rows()] == ["t2i-0-0", "t2i-0-1", "t2i-0-2"]
+    assert s.take("gen")["sample_id"] == "t2i-0-3" and s.take("und")["sample_id"] == "i2t-0-0"
