@@ -6,10 +6,13 @@ timesteps and noise) is derived from (seed, step, rank), and the data position o
 checkpointed, so a stage that fails and resumes from its last checkpoint reproduces the run that
 did not fail.
 
-Checkpoints (every `checkpoint_every` steps and at the end) hold: `model.safetensors` and
-`ema.safetensors` in the official key layout with `lance_config.json`/`llm_config.json` (so the
-directory loads with `Lance.from_pretrained` and in the official code), the optimizer state as a
-PyTorch distributed checkpoint (`optim/`), the scheduler/step state, and each worker's data state.
+Checkpoints (every `checkpoint_every` steps and at the end) are `lance_platform.checkpoint`
+directories, the format RL writes too: `model.safetensors` and `ema.safetensors` in the official
+key layout (they load with `Lance.from_pretrained` and in the official code), the optimizer state
+keyed by parameter name (gathered to full tensors under FSDP2), the scheduler state as JSON, each
+worker's data state, and the manifests. Nothing is unpickled on resume. A worker resuming from a
+checkpoint that does not verify falls back to the newest one that does, naming the bad file in
+the log and in the stage's MLflow run (`resume_fallback` tag); loading is strict.
 Rank 0 alone writes to MLflow, reopening the stage's run by id after a restart.
 """
 from __future__ import annotations
@@ -27,7 +30,8 @@ import torch
 from lance_platform.schema import read_shard, shard_schema, write_shard
 from lance_model import Lance, LanceConfig
 from lance_model.backbone import compile_layers
-from lance_model.checkpoint import read_tensors, save_state
+from lance_platform import checkpoint as ckpt
+from lance_platform.checkpoint import plain_name
 from lance_platform.config import from_dict
 from lance_model.sequence import SequenceBuilder
 from lance_model.tokenizer import load_tokenizer
@@ -37,7 +41,6 @@ from .batching import GroupStreams, Packer
 from .config import StageConfig
 
 log = logging.getLogger(__name__)
-WRAPPER_PREFIX = "_checkpoint_wrapped_module."
 SHARD_COLUMNS = set(shard_schema().names)
 
 
@@ -74,22 +77,18 @@ def lr_factor(step: int, stage: StageConfig) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def clean_key(key: str) -> str:
-    return key.replace(WRAPPER_PREFIX, "")
-
-
 class Ema:
     """Exponential moving average of the trainable parameters (sharded like them under FSDP)."""
 
     def __init__(self, model: torch.nn.Module, decay: float) -> None:
         self.decay = decay
-        self.shadow = {clean_key(n): p.detach().clone().float() for n, p in model.named_parameters() if p.requires_grad}
+        self.shadow = {plain_name(n): p.detach().clone().float() for n, p in model.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         for n, p in model.named_parameters():
             if p.requires_grad:
-                self.shadow[clean_key(n)].lerp_(p.detach().float(), 1.0 - self.decay)
+                self.shadow[plain_name(n)].lerp_(p.detach().float(), 1.0 - self.decay)
 
     def full_state(self) -> dict[str, torch.Tensor]:
         return {n: parallel.full_tensor(t).cpu() for n, t in self.shadow.items()}
@@ -112,50 +111,97 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return {clean_key(k): v for k, v in sd.items()}
+    return {plain_name(k): v for k, v in sd.items()}
+
+
+def sharded(model: torch.nn.Module) -> bool:
+    """True when FSDP2 holds the parameters as DTensor shards."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The name-keyed, unsharded optimizer state (collective under FSDP: rank 0 gets it, others {})."""
+    if not sharded(model):
+        return ckpt.optimizer_state_by_name(model, optimizer)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    osd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not osd:
+        return {}
+    return {"state": {plain_name(k): v for k, v in osd["state"].items()},
+            "param_groups": [{**g, "params": [plain_name(n) for n in g["params"]]} for g in osd["param_groups"]]}
 
 
 def save_checkpoint(directory: Path, step: int, model: Lance, config: LanceConfig, optimizer, scheduler,
-                    ema: Ema | None, packer: Packer, rank: int) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
+                    ema: Ema | None, data_state: dict | None, rank: int, world: int) -> Path:
+    """Every rank writes its share into its own `directory` (Ray Train merges them): rank 0 the
+    model, EMA, optimizer and scheduler state, every rank its data state and part manifest.
+    Collective under FSDP (all ranks call it). `step` is the step just done."""
     full = full_model_state(model)
     ema_full = ema.full_state() if ema is not None else None
-    dcp.save({"optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(directory / "optim"))
-    save_data_state(directory, rank, packer.state_dict())
-    if rank == 0:
-        save_state(config, full, directory, "model.safetensors")
-        if ema_full is not None:
-            save_state(config, {**full, **ema_full}, directory, "ema.safetensors")
-        (directory / "trainer_state.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict()}))
+    optim = full_optimizer_state(model, optimizer)
+
+    def write_data(tmp: Path) -> None:
+        if data_state is not None:
+            save_data_state(tmp, rank, data_state)
+
+    if rank != 0:
+        return ckpt.save(directory, step + 1, write_extra=write_data, part=rank, parts=world)
+    return ckpt.save(directory, step + 1, config=config, model_state=full,
+                     ema_state={**full, **ema_full} if ema_full is not None else None, optimizer_state=optim,
+                     trainer_state={"scheduler": scheduler.state_dict()}, write_extra=write_data, parts=world)
 
 
-def restore_checkpoint(directory: Path, model: Lance, optimizer, scheduler, ema: Ema | None, packer: Packer,
+def restore_checkpoint(directory: Path, model: Lance, optimizer, scheduler, ema: Ema | None, packer: Packer | None,
                        rank: int) -> int:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    """Strictly load a verified checkpoint (model, optimizer by name, EMA, scheduler, this rank's data
+    state); returns the step to continue from."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-    full = read_tensors(directory / "model.safetensors")
-    if parallel.world()[1] > 1:
-        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+    source = str(directory / ckpt.MODEL_FILE)
+    full = ckpt.read_model_state(directory)
+    named = ckpt.read_optimizer_state(directory)
+    if sharded(model):
+        shapes = {plain_name(k): tuple(v.shape) for k, v in model.state_dict().items()}  # global shapes
+        checked = ckpt.strict_model_state(shapes, full, source, model.config.text.tie_word_embeddings)
+        # strictness was checked above; the fixed latent position table is never stored
+        set_model_state_dict(model, checked, options=StateDictOptions(full_state_dict=True, strict=False))
+        params = {plain_name(n): tuple(p.shape) for n, p in model.named_parameters()}
+        ckpt.check_optimizer_state(named, ckpt.optimizer_groups_by_name(model, optimizer), params,
+                                   str(directory / ckpt.OPTIMIZER_JSON))
+        set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
     else:
-        model.load_state_dict(full, strict=False)
-    osd = get_optimizer_state_dict(model, optimizer)
-    holder = {"optim": osd}
-    dcp.load(holder, checkpoint_id=str(directory / "optim"))
-    set_optimizer_state_dict(model, optimizer, holder["optim"])
+        ckpt.load_model_state(model, full, source)
+        ckpt.load_optimizer_state_by_name(model, optimizer, named, str(directory / ckpt.OPTIMIZER_JSON))
     if ema is not None:
-        ema.load_full(read_tensors(directory / "ema.safetensors"))
-    packer.load_state_dict(load_data_state(directory, rank))
-    state = json.loads((directory / "trainer_state.json").read_text())
+        shapes = {plain_name(k): tuple(v.shape) for k, v in model.state_dict().items()}
+        ema.load_full(ckpt.strict_model_state(shapes, ckpt.read_model_state(directory, ckpt.EMA_FILE),
+                                              str(directory / ckpt.EMA_FILE), model.config.text.tie_word_embeddings))
+    if packer is not None:
+        packer.load_state_dict(load_data_state(directory, rank))
+    state = ckpt.read_trainer_state(directory)
+    if not isinstance(state.get("scheduler"), dict):
+        raise ckpt.InvalidCheckpointError(directory / ckpt.TRAINER_STATE, "no scheduler state: not a training-stage checkpoint")
     scheduler.load_state_dict(state["scheduler"])
-    return int(state["step"]) + 1
+    return int(state["step"])
+
+
+def resume_directory(checkpoint) -> tuple[Path | None, str | None]:
+    """(checkpoint directory to resume from, the fallback note when it is not Ray's latest). Ray's
+    latest checkpoint is used when it verifies; on local storage the newest one of the run that
+    verifies replaces it (None when none does); remote storage has no fallback."""
+    path = Path(checkpoint.path)
+    local = getattr(checkpoint.filesystem, "type_name", "") == "local"
+    if not local:
+        return None, None
+    chosen, skipped = ckpt.latest_valid(path.parent, "checkpoint_*")
+    if chosen == path or (chosen is not None and not skipped):
+        return chosen, None
+    note = ckpt.fallback_note(chosen, skipped)
+    log.warning("resume: %s", note)
+    return chosen, note
 
 
 def save_data_state(directory: Path, rank: int, state: dict) -> None:
@@ -304,10 +350,16 @@ def train_loop(config: dict[str, Any]) -> None:
     ema = Ema(model, stage.ema_decay) if stage.ema_decay > 0 else None
 
     start = 0
+    fallback = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            start = restore_checkpoint(Path(d), model, optimizer, scheduler, ema, packer, rank)
+        directory, fallback = resume_directory(checkpoint)
+        if directory is None and fallback is None:  # remote storage: verify the downloaded copy
+            with checkpoint.as_directory() as d:
+                ckpt.verify(d)
+                start = restore_checkpoint(Path(d), model, optimizer, scheduler, ema, packer, rank)
+        elif directory is not None:
+            start = restore_checkpoint(directory, model, optimizer, scheduler, ema, packer, rank)
         log.info("rank %d resumed at step %d", rank, start)
 
     tracker = None
@@ -316,6 +368,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
         tracker = Tracker(config["tracking_uri"], config.get("experiment", "lance"))
         tracker.start(stage.name, run_id=config["run_id"])
+        if fallback:
+            tracker.set_tags({"resume_fallback": fallback})
 
     model.train()
     last_metrics: dict[str, float] = {}
@@ -369,7 +423,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 tracker.log_metrics(val, step=step)
         if last or (stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0):
             with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(Path(tmp), step, model, model_config, optimizer, scheduler, ema, packer, rank)
-                ray.train.report({**last_metrics, "step": step}, checkpoint=Checkpoint.from_directory(tmp))
+                written = save_checkpoint(Path(tmp) / "checkpoint", step, model, model_config, optimizer, scheduler,
+                                          ema, packer.state_dict(), rank, world)
+                ray.train.report({**last_metrics, "step": step}, checkpoint=Checkpoint.from_directory(written))
     if tracker is not None:
         tracker.set_tags({"final_step": str(stage.steps - 1)})

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,9 @@ from lance_platform.runtime import init_ray
 from lance_platform.tracking import Tracker, default_tracking_uri
 
 log = logging.getLogger(__name__)
-EXPORT_FILES = ("model.safetensors", "ema.safetensors", "lance_config.json", "llm_config.json")
+# What `<stage>/final` keeps of the last checkpoint: the model, EMA and optimizer state, not the data position.
+EXPORT_FILES = ("model.safetensors", "ema.safetensors", "lance_config.json", "llm_config.json",
+                "optimizer.safetensors", "optimizer.json", "trainer_state.json")
 
 
 @dataclass
@@ -141,15 +142,11 @@ def _train_loop_entry(config: dict) -> None:
 
 
 def export_checkpoint(source: Path, target: Path) -> None:
-    """Copy the model files of a Ray checkpoint to a stable directory (atomically replaced)."""
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in EXPORT_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, tmp / name)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    """Verify the stage's last Ray checkpoint and copy its `EXPORT_FILES` to a stable directory, a
+    checkpoint of the same format with its own manifest (atomically replaced)."""
+    from lance_platform.checkpoint import copy_checkpoint
+
+    copy_checkpoint(source, target, EXPORT_FILES)
 
 
 def run_pipeline(config_path: str | Path | None, overrides: list[str] | None = None,

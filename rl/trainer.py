@@ -18,9 +18,13 @@ One iteration:
    images/s, a sample grid and the per-sample rewards with their prompts.
 
 On one CPU machine everything except the reward actors runs in the driver process; the reward
-actors run on Ray either way. Checkpoints (`workdir/checkpoints/step-NNNNNN`) hold the policy in
-the official key layout (`save_pretrained`) plus `trainer_state.pt` (step, optimizer); a run with
-`resume: true` continues from the newest one and reopens its MLflow run.
+actors run on Ray either way. Checkpoints (`workdir/checkpoints/step-NNNNNN`) are
+`lance_platform.checkpoint` directories, the format training stages write: the policy in the
+official key layout, the optimizer state keyed by parameter name, the step, a manifest; nothing is
+unpickled. A run with `resume: true` continues from the newest one that verifies (a damaged newer
+one is skipped, named in the log and in the MLflow tag `resume_fallback`) and reopens its MLflow
+run. `policy.checkpoint` may be any Lance directory, a training stage's checkpoint included (it is
+verified first when it has a manifest); its weights start the run, with a fresh optimizer.
 """
 from __future__ import annotations
 
@@ -29,7 +33,6 @@ import logging
 import math
 import random
 import re
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lance_platform import checkpoint as ckpt
 from lance_platform.config import flatten, to_dict
 from lance_model.generation import SamplerOptions
 from lance_model.model import Lance
@@ -54,7 +58,6 @@ from .rollout import RolloutWorker, Trajectories, transition_log_prob
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
-STATE_FILE = "trainer_state.pt"
 RUN_ID_FILE = "mlflow_run_id"
 _STEP_DIR = re.compile(r"^step-(\d{6})$")
 
@@ -70,6 +73,7 @@ def build_policy(cfg: PolicyConfig, seed: int, device: torch.device) -> Lance:
     """The starting policy: a checkpoint directory, or a random init of the preset (demos/tests),
     reproducible from `seed` so that a resumed run rebuilds the same frozen reference."""
     if cfg.checkpoint:
+        ckpt.verify_if_managed(cfg.checkpoint)
         return Lance.from_pretrained(cfg.checkpoint, weights=cfg.weights, device=device)
     from lance_model.config import LanceConfig
 
@@ -114,24 +118,15 @@ def _save_png(path: Path, image: np.ndarray) -> None:
 
 
 # ------------------------------------------------------------------------------------ checkpoints
-def latest_checkpoint(workdir: Path) -> Path | None:
-    root = workdir / CHECKPOINT_DIR
-    if not root.is_dir():
-        return None
-    done = [d for d in root.iterdir() if _STEP_DIR.match(d.name) and (d / STATE_FILE).is_file()]
-    return max(done, key=lambda d: d.name) if done else None
+def latest_checkpoint(workdir: Path) -> tuple[Path | None, list[ckpt.Skipped]]:
+    """(newest checkpoint of the run that verifies, the newer damaged ones skipped)."""
+    return ckpt.latest_valid(workdir / CHECKPOINT_DIR, "step-*")
 
 
 def save_checkpoint(workdir: Path, step: int, policy: Lance, optimizer: torch.optim.Optimizer) -> Path:
-    """Atomic: written under a temporary name, renamed when complete."""
-    final = workdir / CHECKPOINT_DIR / f"step-{step:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / STATE_FILE)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    return final
+    """Atomic: written under a temporary name, renamed when complete, the manifest last."""
+    return ckpt.save(workdir / CHECKPOINT_DIR / f"step-{step:06d}", step, config=policy.config,
+                     model_state=policy.state_dict(), optimizer_state=ckpt.optimizer_state_by_name(policy, optimizer))
 
 
 # ------------------------------------------------------------------------------------ trainer
@@ -180,10 +175,8 @@ class GrpoTrainer:
 
     # ------------------------------------------------------------------ state
     def restore(self, directory: Path) -> None:
-        loaded = Lance.from_pretrained(directory, device=self.device)
-        self.policy.load_state_dict(loaded.state_dict(), strict=False)
-        state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Continue from a verified checkpoint: policy (strict), optimizer by parameter name, step."""
+        state = ckpt.restore(directory, self.policy, self.optimizer)
         self.step = int(state["step"])
         self.push_weights()
         log.info("resumed GRPO from %s (step %d)", directory, self.step)
@@ -376,10 +369,12 @@ def train_grpo(cfg: RLConfig, parent_run_id: str | None = None,
             tracker.end("FINISHED")
 
     try:
-        latest = latest_checkpoint(workdir) if cfg.resume else None
+        latest, skipped = latest_checkpoint(workdir) if cfg.resume else (None, [])
         if latest is not None:
             trainer.restore(latest)
         tracker = _open_tracker(cfg, workdir, parent_run_id)
+        if skipped and tracker is not None:
+            tracker.set_tags({"resume_fallback": ckpt.fallback_note(latest, skipped)})
         log.info("GRPO: %d prompts (%d held out), reward engines %s, from step %d to %d",
                  len(trainer.train_prompts), len(trainer.eval_prompts),
                  sorted({i["engine"] for i in trainer.rewards.info()}), trainer.step, cfg.steps)
