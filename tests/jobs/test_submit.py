@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -24,6 +25,9 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 CURATION = REPO / "configs" / "curation" / "synthetic.yaml"
+# The interpreter's own scripts directory: `ray` and the job's `python` are found there, not on a
+# PATH that may lack them (`venv/bin/python -m pytest` without an activated venv).
+SCRIPTS = Path(sys.executable).parent
 
 
 def free_port() -> int:
@@ -55,10 +59,11 @@ def ray_head():
     gcs, dashboard = free_port(), free_port()
     log = Path(temp_dir) / "ray-start.log"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["PATH"] = os.pathsep.join([str(SCRIPTS), env.get("PATH", "")])  # the job's `python` is this one
     env["RAY_AUTH_MODE"] = "disabled"  # a loopback test head: no token auth (Ray >= 2.5x enables it by default)
     with log.open("w") as out:
         proc = subprocess.Popen(
-            ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+            [str(SCRIPTS / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true",
              "--num-cpus", "2", "--temp-dir", temp_dir, "--disable-usage-stats",
              # every per-node port of its own: another Ray on this machine (a test's local Ray)
