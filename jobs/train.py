@@ -20,7 +20,8 @@ def print_results(results: list[StageResult]) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     config = args.config or f"configs/stages/{args.stage}.yaml"
-    stage = load_stage_config(config, [f"name={args.stage}", *args.overrides])
+    # data.shards is checked by run_stage, whose error says how to make shards
+    stage = load_stage_config(config, [f"name={args.stage}", *args.overrides], require_shards=False)
     if stage.init.kind == "previous" and not args.init:
         raise ValueError(f"stage {args.stage} starts from the previous stage: pass --init <checkpoint dir> "
                          "(e.g. runs/pipeline/pt/final) or override init.kind")

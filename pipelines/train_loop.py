@@ -338,7 +338,7 @@ def train_loop(config: dict[str, Any]) -> None:
                               model_config.vit.spatial_merge_size if model_config.vit else 2)
     shard = ray.train.get_dataset_shard("train")
     streams = GroupStreams(shard.iter_rows, {n: g.tasks for n, g in stage.mixture.groups.items()}, rank, world,
-                           holdout=stage.data.holdout_per_group)
+                           holdout=config.get("holdout", stage.data.holdout_per_group))
     holdout_rows = streams.holdout_rows()
     packer = Packer(streams, stage.mixture, builder, model_config, stage.data.max_tokens,
                     stage.data.max_sample_tokens, seed=stage.seed, rank=rank)

@@ -1,20 +1,25 @@
 """Driver side of training: one stage on Ray Train, or PT -> CT -> SFT chained, tracked in MLflow.
 
-`run_stage` validates the config (before Ray starts), checks every shard's schema version, builds
-one Ray Dataset per task group, opens the stage's MLflow child run (or reopens it when the stage is
-re-run in the same work dir), and runs `TorchTrainer` with FailureConfig retries: a failing worker
-group is restarted from the last reported checkpoint and continues the same run. The final
+`run_stage` checks, before Ray starts, everything about the data that could not succeed on a retry
+(`plan_data`): the shards exist (else: run `lance-pipeline curate` first), their schema version,
+that their token ids were made with the stage model's tokenizer, and that every task group of the
+mixture has rows for every worker, with the validation hold-out cut so that it never takes a
+group's last rows. Each is a `ConfigError` (one line, exit 2 from the CLI). Then it opens the
+stage's MLflow child run (or reopens it when the stage is re-run in the same work dir), and runs
+`TorchTrainer` with FailureConfig retries, which are for what can succeed on a retry: a failing
+worker group is restarted from the last reported checkpoint and continues the same run. The final
 checkpoint is exported to `<workdir>/<stage>/final` (loadable with `Lance.from_pretrained`).
 """
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from lance_platform.schema import check_version
-from lance_platform.config import flatten, load_config, to_dict
+from lance_platform.schema import check_tokenizer, check_version, describe_tokenizer, shard_tokenizer
+from lance_platform.config import ConfigError, flatten, load_config, to_dict
 
 from .config import PipelineConfig, StageConfig, load_stage_config
 from lance_platform.runtime import init_ray
@@ -36,28 +41,149 @@ class StageResult:
     metrics: dict
 
 
+CURATE_HINT = "run `lance-pipeline curate --config configs/curation/<corpus>.yaml` first and point data.shards at its output.dir"
+
+
 def shard_files(path: str | Path) -> list[str]:
     """A shard file, a directory of shards, or a curated dataset root (its manifest lists the shards;
     the ledger and quarantine tables beside them are not training data)."""
+    if not str(path):
+        raise ConfigError(f"data.shards is not set: {CURATE_HINT}")
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"data.shards={str(path)!r}: no such file or directory; {CURATE_HINT}")
     manifest = path / "manifest.json"
     if manifest.is_file():
         files = [path / entry["path"] for entry in json.loads(manifest.read_text()).get("shards", [])]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise ConfigError(f"data.shards={str(path)!r}: {manifest} lists shards that are missing ({absent[0]}"
+                              f"{f' and {len(absent) - 1} more' if len(absent) > 1 else ''}); curate it again")
     else:
         files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
     if not files:
-        raise FileNotFoundError(f"data.shards: no Parquet shards under {path}")
+        raise ConfigError(f"data.shards={str(path)!r}: no Parquet shards there; {CURATE_HINT}")
     for f in files:
         check_version(f)
     return [str(f) for f in files]
 
 
-def training_dataset(stage: StageConfig):
-    """The stage's shards as one Ray Dataset with a fixed row order (workers deal rows by index)."""
+@dataclass
+class DataPlan:
+    """What the driver found out about a stage's data before starting Ray Train."""
+
+    files: list[str]
+    task_counts: dict[str, int]  # rows per shard task
+    holdout: dict[str, int] = field(default_factory=dict)  # validation rows held out per task group
+    tokenizer: dict | None = None  # the shards' tokenizer record
+
+
+def _manifest_entries(path: Path) -> list[dict] | None:
+    """The manifest's shard entries for a dataset root or its `shards/` directory (None: no manifest)."""
+    for candidate in (path / "manifest.json", path.parent / "manifest.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text()).get("shards", [])
+    return None
+
+
+def task_counts(shards: str | Path, files: list[str]) -> dict[str, int]:
+    """Rows per task: from the manifest's per-shard counts when it has them, else from the shards'
+    `task` column (one column read, no tensors)."""
+    import pyarrow.parquet as pq
+
+    entries = _manifest_entries(Path(shards))
+    if entries and all("tasks" in e for e in entries):
+        counts: Counter = Counter()
+        for e in entries:
+            counts.update(e["tasks"])
+        return dict(counts)
+    counts = Counter()
+    for f in files:
+        counts.update(pq.read_table(f, columns=["task"]).column("task").to_pylist())
+    return dict(counts)
+
+
+def plan_holdout(stage: StageConfig, counts: dict[str, int], where: str) -> dict[str, int]:
+    """Check the mixture against the rows per task and choose each group's hold-out.
+
+    A group that can be drawn (a positive weight at some step) must have rows, and at least one per
+    worker; the hold-out never takes the rows the workers need (it shrinks, with a warning)."""
+    world = stage.scaling.num_workers
+    present = {t: n for t, n in sorted(counts.items()) if n}
+    holdout = {}
+    for name, group in stage.mixture.groups.items():
+        rows = sum(counts.get(t, 0) for t in group.tasks)
+        drawn = group.weight > 0 or (group.end_weight or 0) > 0
+        if drawn and rows == 0:
+            raise ConfigError(f"mixture.groups.{name}: no rows of its tasks {list(group.tasks)} in {where} "
+                              f"(rows per task there: {present}); remove the group, set its weight to 0, "
+                              "or curate data for those tasks")
+        if drawn and rows < world:
+            raise ConfigError(f"mixture.groups.{name}: {rows} row(s) of {list(group.tasks)} in {where} for "
+                              f"scaling.num_workers={world}; every worker needs at least one: curate more rows "
+                              "or use fewer workers")
+        want = stage.data.holdout_per_group
+        holdout[name] = max(0, min(want, rows - world)) if drawn else min(want, rows)
+        if holdout[name] < want:
+            log.warning("mixture.groups.%s has %d row(s): %d held out for validation instead of "
+                        "data.holdout_per_group=%d, so that each of the %d worker(s) keeps training rows",
+                        name, rows, holdout[name], want, world)
+    return holdout
+
+
+def model_tokenizer(stage: StageConfig, init_path: str | None) -> str:
+    """The tokenizer spec of the model the stage trains (what `train_loop.build_model` builds)."""
+    from lance_model.config import LanceConfig
+
+    override = stage.model.overrides.get("tokenizer")
+    kind = stage.init.kind
+    if kind == "preset":
+        return LanceConfig.from_preset(stage.model.preset, **stage.model.overrides).tokenizer
+    directory = Path(init_path or stage.init.path or "")
+    if override:
+        return str(override)
+    if kind == "qwen25vl":  # as lance_model.checkpoint.read_qwen25vl: the directory's own tokenizer files
+        if (directory / "tokenizer.json").is_file() or (directory / "vocab.json").is_file():
+            return str(directory)
+        return LanceConfig.from_preset("lance-3b").tokenizer
+    return LanceConfig.from_pretrained(directory).tokenizer
+
+
+def check_shard_tokenizer(stage: StageConfig, files: list[str], init_path: str | None) -> dict:
+    """The shards' tokenizer record, refused unless every shard has one and it is the model's."""
+    from lance_model.tokenizer import load_tokenizer, tokenizer_record
+
+    records = {f: shard_tokenizer(f) for f in files}
+    unrecorded = [f for f, r in records.items() if r is None]
+    if unrecorded:
+        raise ConfigError(f"data.shards: {unrecorded[0]} does not record the tokenizer of its token ids "
+                          f"(written before shards recorded it); {CURATE_HINT}")
+    first_file, first = next(iter(records.items()))
+    for f, r in records.items():
+        if r != first:
+            raise ConfigError(f"data.shards: {first_file} and {f} hold token ids of different tokenizers, "
+                              f"{describe_tokenizer(first)} and {describe_tokenizer(r)}")
+    spec = model_tokenizer(stage, init_path)
+    check_tokenizer(first, tokenizer_record(load_tokenizer(spec)), f"data.shards={stage.data.shards!r}",
+                    f"stage {stage.name}'s model (tokenizer {spec!r})")
+    return first
+
+
+def plan_data(stage: StageConfig, init_path: str | None = None, tokenizer: bool = True) -> DataPlan:
+    """Every deterministic data check of a stage, in the driver before Ray starts (ConfigError)."""
+    files = shard_files(stage.data.shards)
+    counts = task_counts(stage.data.shards, files)
+    holdout = plan_holdout(stage, counts, f"data.shards={stage.data.shards!r}")
+    record = check_shard_tokenizer(stage, files, init_path) if tokenizer else None
+    return DataPlan(files, counts, holdout, record)
+
+
+def training_dataset(files: list[str]):
+    """The stage's shard files as one Ray Dataset with a fixed row order (workers deal rows by index)."""
     import ray.data
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    return ray.data.read_parquet(shard_files(stage.data.shards))
+    return ray.data.read_parquet(files)
 
 
 def _ordered_ingest():
@@ -81,13 +207,14 @@ def run_stage(stage: StageConfig, workdir: str | Path, parent_run_id: str | None
     from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchTrainer
 
+    shard_files(stage.data.shards)  # first: a missing dataset says to curate one
     stage.validate()
     if stage.init.kind == "previous" and not init_path:
-        raise ValueError(f"stage {stage.name}: init.kind='previous' needs a previous stage's checkpoint")
+        raise ConfigError(f"stage {stage.name}: init.kind='previous' needs a previous stage's checkpoint")
+    plan = plan_data(stage, init_path)
     workdir = Path(workdir).resolve()
     stage_dir = workdir / stage.name
     stage_dir.mkdir(parents=True, exist_ok=True)
-    shard_files(stage.data.shards)  # schema check before any Ray work
     init_ray(address)
 
     uri = default_tracking_uri(workdir)
@@ -112,13 +239,14 @@ def run_stage(stage: StageConfig, workdir: str | Path, parent_run_id: str | None
     trainer = TorchTrainer(
         train_loop_per_worker=_train_loop_entry,
         train_loop_config={"stage": to_dict(stage), "init_path": init_path, "tracking_uri": uri,
-                           "run_id": run_id, "experiment": experiment, "storage_dir": str(stage_dir)},
+                           "run_id": run_id, "experiment": experiment, "storage_dir": str(stage_dir),
+                           "holdout": plan.holdout},
         scaling_config=RayScaling(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                   resources_per_worker={"CPU": scaling.cpus_per_worker}),
         run_config=RunConfig(name=f"{stage.name}", storage_path=str(stage_dir / "ray"),
                              failure_config=FailureConfig(max_failures=stage.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=stage.keep_checkpoints)),
-        datasets={"train": training_dataset(stage)},
+        datasets={"train": training_dataset(plan.files)},
         dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=_ordered_ingest()),
     )
     try:
@@ -158,7 +286,10 @@ def run_pipeline(config_path: str | Path | None, overrides: list[str] | None = N
         stage = load_stage_config(path, _stage_overrides(cfg, path), require_shards=False)
         if cfg.shards and not stage.data.shards:
             stage.data.shards = cfg.shards
+        shard_files(stage.data.shards)
         stages.append(stage.validate())
+    for stage in stages:  # every stage's data checked before the first one starts
+        plan_data(stage, tokenizer=stage.init.kind == "preset")
     workdir = Path(cfg.workdir).resolve()
     tracker = Tracker(default_tracking_uri(workdir), cfg.experiment, workdir / "mlartifacts")
     id_file = workdir / "mlflow_parent_run_id"
