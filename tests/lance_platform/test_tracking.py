@@ -1,11 +1,23 @@
-"""MLflow tracking wrapper: runs, parent/child, resume by id, and tolerance of a broken backend."""
+"""MLflow tracking wrapper: runs, parent/child, resume by id, experiment kind and artifact location,
+HTTP client defaults, and tolerance of a broken backend."""
 from __future__ import annotations
 
 import logging
+import socket
+import time
 
 from mlflow.tracking import MlflowClient
 
-from lance_platform.tracking import PARENT_TAG, Tracker, default_tracking_uri, tracked_run
+from lance_platform.tracking import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    HTTP_DEFAULTS,
+    PARENT_TAG,
+    Tracker,
+    default_tracking_uri,
+    http_client_env,
+    tracked_run,
+)
 
 
 def test_parent_child_runs_with_params_metrics_artifacts(tmp_path, monkeypatch):
@@ -80,3 +92,57 @@ def test_end_open_children_closes_only_runs_left_running(tmp_path, monkeypatch):
     killed = client.get_run(abandoned.run_id)
     assert killed.info.status == "KILLED" and killed.data.tags["stopped_by"] == "tune"
     assert client.get_run(other.run_id).info.status == "RUNNING"
+
+
+def test_embedded_store_keeps_artifacts_in_the_workdir_and_marks_model_training(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with tracked_run(tmp_path, "pt") as t:
+        t.log_dict({"a": 1}, "config.yaml")
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    exp = client.get_experiment_by_name("lance")
+    assert exp.artifact_location == (tmp_path / "mlartifacts").resolve().as_uri()
+    assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
+    assert list((tmp_path / "mlartifacts").rglob("config.yaml"))
+
+
+def test_an_experiment_made_elsewhere_gets_the_kind_tag(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment("older")
+    Tracker(uri, "older").start("pt")
+    assert MlflowClient(uri).get_experiment_by_name("older").tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+
+
+def test_a_server_uri_sends_no_client_artifact_location():
+    tracker = Tracker("https://mlflow.example:5000", "lance", "/tmp/workdir/mlartifacts")
+    assert tracker.remote and tracker.artifact_root is None
+    assert not Tracker("sqlite:///x.db", "lance", "/tmp/w/mlartifacts").remote
+
+
+def test_http_defaults_fill_in_but_never_override(monkeypatch):
+    for key in HTTP_DEFAULTS:
+        monkeypatch.setenv(key, "placeholder")
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    env = http_client_env()
+    assert env["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "60"
+    assert env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2" and env["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "1"
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
+
+    assert MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 60 and MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 2
+
+
+def test_refused_server_fails_in_seconds_with_our_defaults(caplog, monkeypatch):
+    for key in HTTP_DEFAULTS:
+        monkeypatch.setenv(key, "placeholder")
+        monkeypatch.delenv(key)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    begin = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        tracker = Tracker(f"http://127.0.0.1:{port}", "lance")
+        assert tracker.start("pt") is None
+        tracker.log_metrics({"loss": 1.0}, step=0)
+        tracker.end()
+    assert time.monotonic() - begin < 15
+    assert [r.name for r in caplog.records if r.levelno >= logging.WARNING] == ["lance_platform.tracking"]
