@@ -372,3 +372,30 @@ def test_non_json_trainer_state_is_refused_at_write(tmp_path):
                   trainer_state={"rng": torch.get_rng_state()})
     save_file({}, str(tmp_path / "empty.safetensors"))
     ckpt.check_safetensors_header(tmp_path / "empty.safetensors")  # an empty optimizer state is valid
+
+
+def test_a_training_worker_resumes_from_the_newest_valid_checkpoint_of_its_run(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from pipelines.train_loop import resume_directory
+
+    model = tiny(0)
+    optimizer = adamw(model)
+    run = tmp_path / "ray" / "pt"
+    older = write(run / "checkpoint_2026-01-01_00-00-01.000001", model, optimizer, 2)
+    newest = write(run / "checkpoint_2026-01-01_00-00-02.000001", model, optimizer, 4, parts=2)  # rank 1 never landed
+    local = SimpleNamespace(type_name="local")
+    assert resume_directory(SimpleNamespace(path=str(older), filesystem=local)) == (older, None)
+
+    with caplog.at_level(logging.WARNING):
+        chosen, note = resume_directory(SimpleNamespace(path=str(newest), filesystem=local))
+    assert chosen == older
+    assert f"skipped {newest.name}" in note and "manifest.rank1.json" in note and note.endswith(older.name)
+    assert "manifest.rank1.json" in caplog.text
+
+    (older / ckpt.MODEL_FILE).write_bytes(b"")
+    chosen, note = resume_directory(SimpleNamespace(path=str(newest), filesystem=local))
+    assert chosen is None and note.endswith("no valid checkpoint: started from the initial weights")
+    # Remote storage: no siblings to fall back to; the caller verifies the downloaded copy.
+    assert resume_directory(SimpleNamespace(path="bucket/pt/checkpoint_x", filesystem=SimpleNamespace(type_name="s3"))) \
+        == (None, None)
