@@ -7,8 +7,9 @@ Every stage is the production code path (`data_curation.pipeline.run_curation`,
 `configs/demo/` (tiny preset, a few steps each); nothing here is a separate toy implementation.
 Ray is the local one sized to the machine (or RAY_ADDRESS / --address); MLflow tracks into
 `sqlite:///<workdir>/mlflow.db` (or MLFLOW_TRACKING_URI) as ONE parent run `demo` with a child run
-per stage (curate, pt, ct, sft, rl). The run ends with a table of what each stage produced and the
-`mlflow ui` command to browse it.
+per stage (curate, pt, ct, sft, rl). The run ends with a table of what each stage produced, a line
+of GRPO counters as they are (iterations, optimizer steps taken, groups skipped for equal rewards,
+the reward before and after) and the `mlflow ui` command to browse it.
 
 Overrides address one stage's config: `pt.steps=10`, `rl.rollout.group_size=4`,
 `curate.encode.vae_actors=2`. All five configs are validated before the work directory is touched.
@@ -24,7 +25,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_curation.config import CurationConfig
@@ -57,11 +58,15 @@ class StageSummary:
     value: float | None         # its final value
     output: str                 # shards or checkpoint directory
     run_id: str | None
+    start_value: float | None = None  # the metric before the stage trained (GRPO: held-out reward)
+    counters: dict[str, float] = field(default_factory=dict)  # GRPO: optimizer steps, groups skipped, ...
 
     @property
     def result(self) -> str:
         if self.metric is None or self.value is None:
             return "-"
+        if self.start_value is not None:
+            return f"{self.metric} {self.start_value:.4f} -> {self.value:.4f}"
         return f"{self.metric} {self.value:.4f}"
 
 
@@ -152,9 +157,48 @@ def run_stages(cfg: DemoConfigs, workdir: Path, parent: Tracker, experiment: str
                                       str(result.checkpoint), result.run_id))
     cfg.rl.policy.checkpoint = str(previous)
     rl = train_grpo(cfg.rl, parent_run_id=parent.run_id)
-    summaries.append(StageSummary("rl", rl.steps, f"{rl.steps} steps", "reward", rl.metrics.get("reward_mean"),
-                                  str(rl.checkpoint), rl.run_id))
+    summaries.append(grpo_summary(rl))
     return summaries, rl.checkpoint
+
+
+def grpo_summary(rl) -> StageSummary:
+    """The GRPO row: iterations run, the held-out reward (the configured weighted reward on the
+    deterministic samples of the held-out prompts) before and after, and the counters summed over
+    the iterations as they happened: optimizer steps taken, groups trained and skipped (all rewards
+    of a group equal: zero advantages, nothing learned from it), training reward of the first and
+    last iteration."""
+    history = rl.history
+    total = {k: float(sum(h.get(k, 0.0) for h in history))
+             for k in ("optimizer_steps", "groups", "groups_trained", "groups_skipped", "trained_transitions")}
+    counters = {"iterations": float(len(history)), **total,
+                "reward_first_iteration": history[0]["reward_mean"] if history else float("nan"),
+                "reward_last_iteration": history[-1]["reward_mean"] if history else float("nan"),
+                "reward_group_std_mean": float(sum(h.get("reward_group_std_mean", 0.0) for h in history)
+                                               / max(len(history), 1))}
+    for key in ("eval/reward", "eval/ocr_ctc", "eval/ocr_accuracy"):
+        if key in rl.initial:
+            counters[f"start_{key}"] = rl.initial[key]
+        if key in rl.metrics:
+            counters[f"end_{key}"] = rl.metrics[key]
+    held_out = "eval/reward" in rl.metrics
+    value = rl.metrics.get("eval/reward") if held_out else rl.metrics.get("reward_mean")
+    start = rl.initial.get("eval/reward") if held_out else None
+    return StageSummary("rl", rl.steps, f"{rl.steps} iters", "reward", value, str(rl.checkpoint), rl.run_id,
+                        start, counters)
+
+
+def grpo_line(s: StageSummary) -> str:
+    """One line of what GRPO did, from the counters (no rounding of counts)."""
+    c = s.counters
+    text = (f"GRPO: {int(c['iterations'])} iterations, {int(c['optimizer_steps'])} optimizer steps, "
+            f"{int(c['groups_skipped'])} of {int(c['groups'])} groups skipped (equal rewards); "
+            f"training reward {c['reward_first_iteration']:.4f} (first iteration) -> "
+            f"{c['reward_last_iteration']:.4f} (last)")
+    if "start_eval/reward" in c and "end_eval/reward" in c:
+        text += f"; held-out reward {c['start_eval/reward']:.4f} -> {c['end_eval/reward']:.4f}"
+    if "start_eval/ocr_accuracy" in c and "end_eval/ocr_accuracy" in c:
+        text += f", OCR accuracy {c['start_eval/ocr_accuracy']:.4f} -> {c['end_eval/ocr_accuracy']:.4f}"
+    return text
 
 
 def run_demo(workdir: str | Path = "runs/demo", config_dir: str | Path = CONFIG_DIR,
@@ -181,7 +225,11 @@ def run_demo(workdir: str | Path = "runs/demo", config_dir: str | Path = CONFIG_
             seconds = time.time() - start
             table = [{**s.__dict__, "result": s.result} for s in summaries]
             parent.log_metrics({"demo_seconds": seconds, "curate/rows": summaries[0].rows,
-                                **{f"{s.stage}/final_{s.metric}": s.value for s in summaries if s.metric}})
+                                **{f"{s.stage}/final_{s.metric}": s.value for s in summaries if s.metric},
+                                **{f"{s.stage}/start_{s.metric}": s.start_value for s in summaries
+                                   if s.start_value is not None},
+                                **{f"{s.stage}/{k.replace('eval/', 'eval_')}": v for s in summaries
+                                   for k, v in s.counters.items()}})
             parent.log_dict(table, "summary.json")
             parent.set_tags({"checkpoint": str(checkpoint)})
             parent.end("FINISHED")
@@ -195,9 +243,12 @@ def run_demo(workdir: str | Path = "runs/demo", config_dir: str | Path = CONFIG_
 
 
 def print_summary(r: DemoResult, workdir: Path) -> None:
-    print(f"\n{'stage':<7} {'rows/steps':>11}  {'final loss/reward':<18} output")
+    print(f"\n{'stage':<7} {'rows/steps':>11}  {'final loss/reward':<24} output")
     for s in r.stages:
-        print(f"{s.stage:<7} {s.amount:>11}  {s.result:<18} {s.output}")
+        print(f"{s.stage:<7} {s.amount:>11}  {s.result:<24} {s.output}")
+    for s in r.stages:
+        if s.stage == "rl" and s.counters:
+            print(grpo_line(s))
     embedded = r.tracking_uri == f"sqlite:///{workdir / 'mlflow.db'}"
     print(f"\nMLflow {r.tracking_uri}: parent run 'demo' ({r.parent_run_id}) with child runs "
           f"{', '.join(s.stage for s in r.stages)}; artifacts (configs, reports, sample grids) "

@@ -14,8 +14,12 @@ One iteration:
    repeats the rollout's arithmetic and the first step's ratio is exactly 1;
 5. push the new weights to the rollout worker (in-process the worker shares the policy module,
    so there is nothing to copy; a worker holding its own copy gets `load_weights`);
-6. log reward mean/std and per component, OCR failures, KL, clip fraction, ratio stats, step time,
-   images/s, a sample grid and the per-sample rewards with their prompts.
+6. log reward mean/std and per component, the counters as they are (groups trained and skipped:
+   a group whose rewards are all equal has zero advantages; optimizer steps taken; trained
+   samples, transitions and SDE steps, all 0 when nothing was trained), OCR failures, KL, clip
+   fraction, ratio stats, step time, images/s, a sample grid and the per-sample rewards with their
+   prompts. The held-out evaluation runs before the first iteration too (logged at step 0), so
+   the start and the end of a run are compared on the same prompts and seeds.
 
 On one CPU machine everything except the reward actors runs in the driver process; the reward
 actors run on Ray either way. Checkpoints (`workdir/checkpoints/step-NNNNNN`) are
@@ -141,7 +145,9 @@ class UpdateStats:
     ratio_max: float = 1.0
     first_ratio_max_dev: float = 0.0  # max |ratio - 1| on the first optimizer step (exactly 0 on-policy)
     grad_norm: float = 0.0
-    optimizer_steps: int = 0
+    optimizer_steps: int = 0  # AdamW steps taken (a micro-batch whose groups are all skipped takes none)
+    trained_samples: int = 0  # samples whose log-probs entered a loss, summed over optimizer steps
+    trained_transitions: int = 0  # (sample, SDE step) log-probs that entered a loss
     terms: list[dict] = field(default_factory=list, repr=False)
 
     def metrics(self) -> dict[str, float]:
@@ -268,6 +274,8 @@ class GrpoTrainer:
                 stats.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip))
                 self.optimizer.step()
                 stats.optimizer_steps += 1
+                stats.trained_samples += int(kept.sum())
+                stats.trained_transitions += int(kept.sum()) * len(steps)
         if stats.terms:
             for key in ("loss", "policy_loss", "kl", "clip_frac", "ratio_mean"):
                 setattr(stats, key, float(np.mean([t[key] for t in stats.terms])))
@@ -289,11 +297,18 @@ class GrpoTrainer:
         self.step += 1
         self.push_weights()
         elapsed = time.perf_counter() - start
+        # Counters as they are: a group whose rewards are all equal has zero advantages and is
+        # skipped; `trained_steps` counts the SDE steps that received a gradient (0 when every
+        # group was skipped and no optimizer step ran).
+        with_spread = keep.view(-1, r.group_size)[:, 0]
+        groups_std = torch.as_tensor(total).view(-1, r.group_size).std(dim=1, unbiased=False)
         metrics = {"reward_mean": float(total.mean()), "reward_std": float(total.std()),
-                   "groups_trained": float(keep.view(-1, r.group_size)[:, 0].float().mean()),
+                   "reward_group_std_mean": float(groups_std.mean()),
+                   "groups": float(with_spread.numel()), "groups_trained": float(with_spread.sum()),
+                   "groups_skipped": float((~with_spread).sum()),
                    "ocr_failures": float(scored.failures), "reward_actor_restarts": float(self.rewards.restarts),
                    "step_time_s": elapsed, **timing,
-                   "trained_steps": float(len(sde_steps)), **stats.metrics()}
+                   "trained_steps": float(len(sde_steps) if stats.optimizer_steps else 0), **stats.metrics()}
         for name, values in components.items():
             metrics[f"reward/{name}_mean"] = float(values.mean())
             metrics[f"reward/{name}_std"] = float(values.std())
@@ -310,8 +325,15 @@ class GrpoTrainer:
         images = self.worker.evaluate(self.eval_prompts, list(range(len(self.eval_prompts))), r.eval_steps,
                                       r.eval_cfg_scale)
         scored = self.rewards.score(images, self.eval_prompts)
-        return {"eval/ocr_accuracy": float(np.mean(scored.components["ocr"])),
-                "eval/ocr_exact": float(np.mean(scored.components["ocr_exact"]))}
+        out = {"eval/ocr_accuracy": float(np.mean(scored.components["ocr"])),
+               "eval/ocr_exact": float(np.mean(scored.components["ocr_exact"]))}
+        if "ocr_ctc" in scored.components:
+            out["eval/ocr_ctc"] = float(np.mean(scored.components["ocr_ctc"]))
+        weights = self.cfg.reward.weights
+        if set(weights) <= set(scored.components):  # the training reward, on the held-out samples
+            out["eval/reward"] = float(np.mean(combine_rewards(
+                {k: np.asarray(v) for k, v in scored.components.items()}, weights)))
+        return out
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -322,6 +344,9 @@ class RLResult:
     checkpoint: Path
     run_id: str | None
     history: list[dict[str, float]]
+    # held-out metrics of the starting policy (logged at step 0), to compare with the final ones in
+    # `metrics`; empty when the run resumed past step 0 or has no held-out prompts
+    initial: dict[str, float] = field(default_factory=dict)
 
 
 def _open_tracker(cfg: RLConfig, workdir: Path, parent_run_id: str | None) -> Tracker | None:
@@ -353,6 +378,7 @@ def train_grpo(cfg: RLConfig, parent_run_id: str | None = None,
     trainer = GrpoTrainer(cfg)
     tracker = None
     history: list[dict[str, float]] = []
+    initial: dict[str, float] = {}
     checkpoint = None
     finished = False
 
@@ -381,6 +407,11 @@ def train_grpo(cfg: RLConfig, parent_run_id: str | None = None,
         samples_dir = workdir / "samples"
         samples_dir.mkdir(exist_ok=True)
         checkpoint = latest
+        if trainer.step == 0 and trainer.eval_prompts:
+            initial = trainer.evaluate()  # the same prompts and seeds as the final evaluation
+            log.info("GRPO held-out before training: %s", ", ".join(f"{k}={v:.4g}" for k, v in initial.items()))
+            if tracker is not None:
+                tracker.log_metrics(initial, step=0)
         while trainer.step < cfg.steps:
             metrics, images, records = trainer.iteration()
             step = trainer.step
@@ -415,7 +446,8 @@ def train_grpo(cfg: RLConfig, parent_run_id: str | None = None,
                 tracker.end("FAILED")
         raise
     return RLResult(trainer.step, history[-1] if history else {}, checkpoint,
-                    tracker.run_id if tracker else None, history)
+                    tracker.run_id if tracker else None, history, initial)
 
 
-_SHOWN = ("reward_mean", "reward_std", "kl", "clip_frac", "eval/ocr_accuracy", "images_per_s", "step_time_s")
+_SHOWN = ("reward_mean", "reward_std", "groups_skipped", "optimizer_steps", "kl", "clip_frac", "eval/ocr_accuracy",
+          "eval/reward", "images_per_s", "step_time_s")
