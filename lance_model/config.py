@@ -13,81 +13,83 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from .configio import ConfigError, from_dict
+from pydantic import Field
+
+from .configio import (
+    ConfigError,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    check_types,
+    configclass,
+    from_dict,
+    require,
+)
 
 CONFIG_FILE = "lance_config.json"
 OFFICIAL_LLM_CONFIG_FILE = "llm_config.json"
 OFFICIAL_VIT_CONFIG_FILE = "vit_config.json"
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "flash")
-VAE_KINDS = ("wan2.2", "pixel")
-
-
-def _check(cond: bool, field_name: str, value: Any, expected: str) -> None:
-    if not cond:
-        raise ConfigError(f"{field_name}={value!r}: expected {expected}")
+AttentionBackend = Literal["auto", "sdpa", "flex", "flash"]
+VaeKind = Literal["wan2.2", "pixel"]
+ATTENTION_BACKENDS: tuple[str, ...] = AttentionBackend.__args__
+VAE_KINDS: tuple[str, ...] = VaeKind.__args__
+Weight = Annotated[float, Field(ge=0, allow_inf_nan=False, description="a non-negative weight")]
+MropeSection = Annotated[tuple[PositiveInt, PositiveInt, PositiveInt],
+                         Field(description="three positive ints (t, h, w sections)")]
 
 
 def _is_pos_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-@dataclass
+@configclass
 class TextConfig:
     """The Qwen2-family decoder shared by both experts (each expert holds its own copy of these weights)."""
 
-    hidden_size: int = 2048
-    num_hidden_layers: int = 36
-    num_attention_heads: int = 16
-    num_key_value_heads: int = 2
-    head_dim: int = 128
-    intermediate_size: int = 11008
-    vocab_size: int = 151936
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 1_000_000.0
-    mrope_section: tuple[int, int, int] = (16, 24, 24)
+    hidden_size: PositiveInt = 2048
+    num_hidden_layers: PositiveInt = 36
+    num_attention_heads: PositiveInt = 16
+    num_key_value_heads: PositiveInt = 2
+    head_dim: PositiveInt = 128
+    intermediate_size: PositiveInt = 11008
+    vocab_size: PositiveInt = 151936
+    rms_norm_eps: PositiveFloat = 1e-6
+    rope_theta: PositiveFloat = 1_000_000.0
+    mrope_section: MropeSection = (16, 24, 24)
     qk_norm: bool = True
     tie_word_embeddings: bool = False
 
     def validate(self, prefix: str = "text") -> None:
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                     "head_dim", "intermediate_size", "vocab_size"):
-            v = getattr(self, name)
-            _check(_is_pos_int(v), f"{prefix}.{name}", v, "a positive integer")
-        _check(self.num_attention_heads % self.num_key_value_heads == 0, f"{prefix}.num_key_value_heads",
-               self.num_key_value_heads, f"a divisor of num_attention_heads ({self.num_attention_heads})")
-        _check(self.head_dim % 2 == 0, f"{prefix}.head_dim", self.head_dim, "an even number")
+        """Cross-field rules (types and ranges are checked by `from_dict` / `check_types`)."""
+        require(self.num_attention_heads % self.num_key_value_heads == 0, f"{prefix}.num_key_value_heads",
+                self.num_key_value_heads, f"a divisor of num_attention_heads ({self.num_attention_heads})")
+        require(self.head_dim % 2 == 0, f"{prefix}.head_dim", self.head_dim, "an even number")
         section = self.mrope_section
-        _check(isinstance(section, (tuple, list)) and len(section) == 3 and all(_is_pos_int(x) for x in section),
-               f"{prefix}.mrope_section", section, "three positive ints (t, h, w sections)")
-        _check(sum(section) * 2 == self.head_dim,
-               f"{prefix}.mrope_section", list(section),
-               f"three ints summing to head_dim/2 = {self.head_dim // 2}")
+        require(sum(section) * 2 == self.head_dim, f"{prefix}.mrope_section", list(section),
+                f"three ints summing to head_dim/2 = {self.head_dim // 2}")
 
 
-@dataclass
+@configclass
 class VitConfig:
     """Qwen2.5-VL vision tower (windowed ViT + 2x2 patch merger whose output width is the LLM width)."""
 
-    depth: int = 32
-    hidden_size: int = 1280
-    num_heads: int = 16
-    intermediate_size: int = 3420
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
-    window_size: int = 112
+    depth: PositiveInt = 32
+    hidden_size: PositiveInt = 1280
+    num_heads: PositiveInt = 16
+    intermediate_size: PositiveInt = 3420
+    patch_size: PositiveInt = 14
+    temporal_patch_size: PositiveInt = 2
+    spatial_merge_size: PositiveInt = 2
+    window_size: PositiveInt = 112
     fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
-    out_hidden_size: int = 2048
-    in_channels: int = 3
+    out_hidden_size: PositiveInt = 2048
+    in_channels: PositiveInt = 3
     hidden_act: str = "silu"
     trainable: bool = False
 
@@ -97,47 +99,41 @@ class VitConfig:
         return self.patch_size * self.spatial_merge_size
 
     def validate(self, prefix: str = "vit") -> None:
-        for name in ("depth", "hidden_size", "num_heads", "intermediate_size", "patch_size",
-                     "temporal_patch_size", "spatial_merge_size", "window_size", "out_hidden_size", "in_channels"):
-            v = getattr(self, name)
-            _check(_is_pos_int(v), f"{prefix}.{name}", v, "a positive integer")
-        _check(self.hidden_size % self.num_heads == 0, f"{prefix}.num_heads", self.num_heads,
-               f"a divisor of hidden_size ({self.hidden_size})")
-        _check(all(0 <= i < self.depth for i in self.fullatt_block_indexes), f"{prefix}.fullatt_block_indexes",
-               list(self.fullatt_block_indexes), f"block indexes below depth ({self.depth})")
+        """Cross-field rules (types and ranges are checked by `from_dict` / `check_types`)."""
+        require(self.hidden_size % self.num_heads == 0, f"{prefix}.num_heads", self.num_heads,
+                f"a divisor of hidden_size ({self.hidden_size})")
+        require(all(0 <= i < self.depth for i in self.fullatt_block_indexes), f"{prefix}.fullatt_block_indexes",
+                list(self.fullatt_block_indexes), f"block indexes below depth ({self.depth})")
 
 
-@dataclass
+@configclass
 class VaeConfig:
     """The latent autoencoder. `wan2.2`: the Wan2.2 3D causal VAE (diffusers `AutoencoderKLWan`);
     `pixel`: a parameter-free space-to-depth "VAE" (no weights; lets tiny models generate)."""
 
-    kind: str = "wan2.2"
-    latent_channels: int = 48
-    spatial_stride: int = 16
-    temporal_stride: int = 4
+    kind: VaeKind = "wan2.2"
+    latent_channels: PositiveInt = 48
+    spatial_stride: PositiveInt = 16
+    temporal_stride: PositiveInt = 4
     # Wan2.2 architecture (diffusers AutoencoderKLWan arguments); ignored by `pixel`.
-    base_dim: int = 160
-    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
+    base_dim: PositiveInt = 160
+    dim_mult: tuple[PositiveInt, ...] = (1, 2, 4, 4)
+    num_res_blocks: PositiveInt = 2
     # Decoder width (Wan2.2 uses a wider decoder: 256 vs the encoder's 160); None = same as base_dim.
-    decoder_base_dim: int | None = 256
+    decoder_base_dim: PositiveInt | None = 256
     # Local weights: a diffusers VAE directory or the official `Wan2.2_VAE.pth`; None = random init.
     weights: str | None = None
 
     def validate(self, prefix: str = "vae") -> None:
-        _check(self.kind in VAE_KINDS, f"{prefix}.kind", self.kind, f"one of {VAE_KINDS}")
-        for name in ("latent_channels", "spatial_stride", "temporal_stride"):
-            v = getattr(self, name)
-            _check(_is_pos_int(v), f"{prefix}.{name}", v, "a positive integer")
+        """Cross-field rules (types and ranges are checked by `from_dict` / `check_types`)."""
         if self.kind == "pixel":
-            _check(self.latent_channels == 3 * self.spatial_stride ** 2, f"{prefix}.latent_channels",
-                   self.latent_channels, f"3*spatial_stride^2 = {3 * self.spatial_stride ** 2} for the pixel VAE")
-            _check(self.temporal_stride == 1, f"{prefix}.temporal_stride", self.temporal_stride,
-                   "1 for the pixel VAE (frames are kept as they are)")
+            require(self.latent_channels == 3 * self.spatial_stride ** 2, f"{prefix}.latent_channels",
+                    self.latent_channels, f"3*spatial_stride^2 = {3 * self.spatial_stride ** 2} for the pixel VAE")
+            require(self.temporal_stride == 1, f"{prefix}.temporal_stride", self.temporal_stride,
+                    "1 for the pixel VAE (frames are kept as they are)")
 
 
-@dataclass
+@configclass
 class LanceConfig:
     """Everything needed to build a `Lance` model (and its training objective)."""
 
@@ -145,21 +141,21 @@ class LanceConfig:
     vit: VitConfig | None = field(default_factory=VitConfig)
     vae: VaeConfig = field(default_factory=VaeConfig)
     # Latent position table: rows = max_latent_frames * max_latent_size^2.
-    max_latent_size: int = 64
-    max_latent_frames: int = 31
-    timestep_embed_dim: int = 256
+    max_latent_size: PositiveInt = 64
+    max_latent_frames: PositiveInt = 31
+    timestep_embed_dim: PositiveInt = 256
     # Tokenizer: "byte" (self-contained) or a local directory holding a Qwen2 tokenizer.
-    tokenizer: str = "byte"
-    attention_backend: str = "auto"
+    tokenizer: Annotated[str, Field(min_length=1, description='"byte" or a local tokenizer directory')] = "byte"
+    attention_backend: AttentionBackend = "auto"
     # Frozen parts (the VAE is always frozen; the ViT follows vit.trainable).
     freeze_embeddings: bool = True
     freeze_lm_head: bool = True
     # Training objective (MODEL.md §6).
-    ce_weight: float = 0.25
-    mse_weight: float = 1.0
-    timestep_shift: float = 4.0
-    caption_dropout: float = 0.1
-    condition_dropout: float = 0.1
+    ce_weight: Weight = 0.25
+    mse_weight: Weight = 1.0
+    timestep_shift: PositiveFloat = 4.0
+    caption_dropout: Probability = 0.1
+    condition_dropout: Probability = 0.1
 
     def __post_init__(self) -> None:
         # Accept plain dicts (from JSON/YAML) for the nested configs.
@@ -172,31 +168,25 @@ class LanceConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> LanceConfig:
-        _check(isinstance(self.text, TextConfig), "text", self.text, "a TextConfig (or dict)")
-        _check(self.vit is None or isinstance(self.vit, VitConfig), "vit", self.vit, "a VitConfig (or dict), or null")
-        _check(isinstance(self.vae, VaeConfig), "vae", self.vae, "a VaeConfig (or dict)")
+        """Every field's type and range (also of values set in code), then the cross-field rules."""
+        check_types(self)
         self.text.validate()
         if self.vit is not None:
             self.vit.validate()
-            _check(self.vit.out_hidden_size == self.text.hidden_size, "vit.out_hidden_size",
-                   self.vit.out_hidden_size, f"text.hidden_size ({self.text.hidden_size})")
+            require(self.vit.out_hidden_size == self.text.hidden_size, "vit.out_hidden_size",
+                    self.vit.out_hidden_size, f"text.hidden_size ({self.text.hidden_size})")
         self.vae.validate()
-        _check(self.attention_backend in ATTENTION_BACKENDS, "attention_backend", self.attention_backend,
-               f"one of {ATTENTION_BACKENDS}")
-        for name in ("max_latent_size", "max_latent_frames", "timestep_embed_dim"):
-            v = getattr(self, name)
-            _check(_is_pos_int(v), name, v, "a positive integer")
-        for name in ("caption_dropout", "condition_dropout"):
-            v = getattr(self, name)
-            _check(_is_number(v) and 0.0 <= v < 1.0, name, v, "a probability in [0, 1)")
-        for name in ("ce_weight", "mse_weight"):
-            v = getattr(self, name)
-            _check(_is_number(v) and v >= 0.0, name, v, "a non-negative weight")
-        _check(_is_number(self.timestep_shift) and self.timestep_shift > 0, "timestep_shift",
-               self.timestep_shift, "a positive number")
-        _check(isinstance(self.tokenizer, str) and bool(self.tokenizer), "tokenizer", self.tokenizer,
-               '"byte" or a local tokenizer directory')
         return self
+
+    def with_overrides(self, overrides: Mapping[str, Any], prefix: str = "") -> LanceConfig:
+        """A validated copy with `overrides` applied: top-level fields, or sections given as (partial)
+        mappings that merge into this config's section (`{"text": {"num_hidden_layers": 3}}`).
+        Errors name the field under `prefix` (e.g. `model.overrides.`)."""
+        cfg = from_dict(type(self), _merge(self.to_dict(), dict(overrides)), prefix)
+        try:
+            return cfg.validate()
+        except ConfigError as exc:
+            raise exc.prefixed(prefix) from None
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -216,16 +206,10 @@ class LanceConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> LanceConfig:
+        """Preset `name` with `overrides` (see `with_overrides`), validated."""
         if name not in PRESETS:
-            raise ConfigError(f"preset={name!r}: expected one of {sorted(PRESETS)}")
-        cfg = PRESETS[name]()
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key, value in overrides.items():
-            if key not in known:
-                raise ConfigError(f"{key}={value!r}: not a LanceConfig field; known: {sorted(known)}")
-            setattr(cfg, key, value)
-        cfg.__post_init__()
-        return cfg.validate()
+            raise ConfigError(f"preset={name!r}: expected one of {sorted(PRESETS)}", "preset")
+        return PRESETS[name]().with_overrides(overrides)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> LanceConfig:
@@ -242,6 +226,15 @@ class LanceConfig:
             return from_official_config(directory)
         raise FileNotFoundError(
             f"no model config in {directory}: expected {CONFIG_FILE} or the official {OFFICIAL_LLM_CONFIG_FILE}")
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            v = dataclasses.asdict(v)
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 # ---------------------------------------------------------------------- official config files
@@ -270,7 +263,7 @@ def text_config_from_qwen2(d: dict[str, Any]) -> TextConfig:
         inter = d["intermediate_size"]
         vocab = d["vocab_size"]
     except KeyError as e:
-        raise ConfigError(f"text.{e.args[0]}=None: required in a Qwen2 text config") from None
+        raise ConfigError(f"text.{e.args[0]}=None: required in a Qwen2 text config", f"text.{e.args[0]}") from None
     rope = _rope_fields(d)
     section = rope.get("mrope_section", (16, 24, 24))
     theta = d.get("rope_theta")
@@ -400,3 +393,4 @@ def _lance_3b() -> LanceConfig:
 
 
 PRESETS = {"tiny": _tiny, "nano": _nano, "lance-3b": _lance_3b}
+PresetName = Literal[tuple(PRESETS)]  # a field naming a preset: one of its keys

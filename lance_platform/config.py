@@ -3,9 +3,11 @@
     cfg = load_config(StageConfig, "configs/stages/pt.yaml", ["optim.lr=1e-4", "steps=10"])
 
 Overrides are parsed as YAML scalars (`steps=10` is an int, `name=pt` a string, `betas=[0.9,0.95]`
-a list) and merged into the file's mapping; `from_dict` (lance_model.configio) turns the mapping
-into the config dataclass, and the config's own `validate()` checks ranges and cross-field rules.
-Every failure is a `ConfigError` naming the field, the value and what was expected.
+a list) and merged into the file's mapping; `from_dict` (lance_model.configio, pydantic) turns the
+mapping into the config dataclass, type-checking and coercing every field (`lr=1e-4`, which YAML
+reads as a string, becomes 0.0001) and checking declared ranges; the config's own `validate()`
+checks the cross-field rules. Every failure is ONE `ConfigError` line naming the field (under the
+caller's `prefix`, e.g. `pt.` for the demo's `pt.steps=...`), the value and what was expected.
 """
 from __future__ import annotations
 
@@ -40,16 +42,18 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides to a nested mapping (creating intermediate mappings)."""
+def apply_overrides(data: dict[str, Any], overrides: list[str], prefix: str = "") -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides to a nested mapping (creating intermediate mappings); errors
+    show each override as the user wrote it, under `prefix`."""
     out = _deep_copy(data)
     for item in overrides:
+        shown = prefix + item
         if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key.sub=value")
+            raise ConfigError(f"override {shown!r}: expected key.sub=value")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         if not all(parts):
-            raise ConfigError(f"override {item!r}: empty key component")
+            raise ConfigError(f"override {shown!r}: empty key component")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
@@ -60,7 +64,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if nxt is None:
                 nxt = node[part] = {}
             if not isinstance(nxt, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is not a section")
+                raise ConfigError(f"override {shown!r}: {prefix}{'.'.join(parts[:i + 1])} is not a section")
             node = nxt
         node[parts[-1]] = value
     return out
@@ -75,17 +79,21 @@ def _deep_copy(d: Any) -> Any:
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
-                base: dict[str, Any] | None = None, validate: bool = True) -> T:
+                base: dict[str, Any] | None = None, validate: bool = True, prefix: str = "") -> T:
     """YAML file (optional) over `base` defaults, then overrides, then `validate()` if defined
-    (unless `validate=False`, for callers that validate with arguments of their own)."""
+    (unless `validate=False`, for callers that validate with arguments of their own). `prefix`
+    (e.g. `"pt."`) goes in front of every field an error names."""
     data = _deep_copy(base or {})
     if path is not None:
         data = merge(data, load_yaml(path))
-    data = apply_overrides(data, overrides or [])
-    cfg = from_dict(cls, data)
+    data = apply_overrides(data, overrides or [], prefix)
+    cfg = from_dict(cls, data, prefix)
     check = getattr(cfg, "validate", None)
     if validate and callable(check):
-        check()
+        try:
+            check()
+        except ConfigError as exc:
+            raise exc.prefixed(prefix) from None
     return cfg
 
 

@@ -25,16 +25,17 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from lance_platform.config import ConfigError
+from lance_model.configio import PositiveInt, check_types, configclass
 
 log = logging.getLogger(__name__)
 
-ENGINE_KINDS = ("auto", "rapidocr", "paddleocr")
+EngineKind = Literal["auto", "rapidocr", "paddleocr"]
+ENGINE_KINDS: tuple[str, ...] = EngineKind.__args__
 
 
 class OcrError(RuntimeError):
@@ -46,10 +47,10 @@ class OcrEngineUnavailable(ValueError):
     error the user fixes in the config or the environment, reported in one line by the CLI)."""
 
 
-@dataclass
+@configclass
 class OcrConfig:
-    engine: str = "auto"  # auto | rapidocr | paddleocr
-    threads: int = 1  # intra-op threads per engine (one engine per actor, one actor per CPU)
+    engine: EngineKind = "auto"  # auto | rapidocr | paddleocr
+    threads: PositiveInt = 1  # intra-op threads per engine (one engine per actor, one actor per CPU)
     use_angle_cls: bool = False  # rendered text is upright: the angle classifier only costs time
     # RapidOCR: ONNX model files; None = the PP-OCR models shipped inside the rapidocr wheel.
     rapid_det_model: str | None = None
@@ -64,10 +65,8 @@ class OcrConfig:
     paddle_device: str = "cpu"
 
     def validate(self, prefix: str = "reward.ocr") -> OcrConfig:
-        if self.engine not in ENGINE_KINDS:
-            raise ConfigError(f"{prefix}.engine={self.engine!r}: expected one of {ENGINE_KINDS}")
-        if not isinstance(self.threads, int) or self.threads < 1:
-            raise ConfigError(f"{prefix}.threads={self.threads!r}: expected a positive integer")
+        """Types and ranges (also of an OcrConfig built in code): as when the config is loaded."""
+        check_types(self, prefix + ".")
         return self
 
 

@@ -20,58 +20,46 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from lance_platform.config import ConfigError, apply_overrides, flatten, from_dict, load_yaml, to_dict
-from lance_platform.tracking import Tracker, default_tracking_uri
+from pydantic import Field
+
+from lance_model.configio import PositiveInt, configclass
+from lance_platform.config import apply_overrides, flatten, from_dict, load_config, load_yaml, to_dict
 
 from .config import RLConfig
 
 log = logging.getLogger(__name__)
 
-DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
-METRICS = ("reward_mean", "eval/ocr_accuracy")
+Distribution = Literal["choice", "grid", "uniform", "loguniform", "randint"]
+Metric = Literal["reward_mean", "eval/ocr_accuracy"]
+DISTRIBUTIONS: tuple[str, ...] = Distribution.__args__
+METRICS: tuple[str, ...] = Metric.__args__
+# One `{kind: args}` per swept field, kind a Ray Tune distribution.
+Spec = Annotated[dict[Distribution, list[Any]], Field(min_length=1, max_length=1, description=(
+    f"one {{kind: [args]}} with kind in {DISTRIBUTIONS}"))]
 
 
-@dataclass
+@configclass
 class TuneConfig:
     name: str = "rl-tune"
     base: str | None = None  # a GRPO config file (configs/rl/grpo_ocr.yaml); relative to this file
     overrides: tuple[str, ...] = ()  # applied to the base config for every trial
-    search_space: dict[str, dict[str, Any]] = field(default_factory=dict)
-    num_samples: int = 2
-    max_concurrent_trials: int = 1
-    metric: str = "reward_mean"
-    mode: str = "max"
-    grace_period: int = 1  # ASHA: iterations before a trial may be stopped
-    reduction_factor: int = 2
+    search_space: dict[str, Spec] = field(default_factory=dict)
+    num_samples: PositiveInt = 2
+    max_concurrent_trials: PositiveInt = 1
+    metric: Metric = "reward_mean"
+    mode: Literal["max", "min"] = "max"
+    grace_period: PositiveInt = 1  # ASHA: iterations before a trial may be stopped
+    reduction_factor: Annotated[int, Field(strict=True, ge=2)] = 2
     workdir: str = "runs/rl-tune"
     experiment: str = "lance"
     ray_address: str | None = None
 
-    def validate(self) -> TuneConfig:
-        if self.num_samples < 1:
-            raise ConfigError(f"num_samples={self.num_samples}: expected a positive integer")
-        if self.max_concurrent_trials < 1:
-            raise ConfigError(f"max_concurrent_trials={self.max_concurrent_trials}: expected a positive integer")
-        if self.metric not in METRICS:
-            raise ConfigError(f"metric={self.metric!r}: expected one of {METRICS}")
-        if self.mode not in ("max", "min"):
-            raise ConfigError(f"mode={self.mode!r}: expected max or min")
-        if self.grace_period < 1 or self.reduction_factor < 2:
-            raise ConfigError(f"grace_period={self.grace_period}, reduction_factor={self.reduction_factor}: "
-                              "expected >= 1 and >= 2")
-        for key, spec in self.search_space.items():
-            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-                raise ConfigError(f"search_space.{key}={spec!r}: expected one of {{kind: args}} with kind in "
-                                  f"{DISTRIBUTIONS}")
-        return self
-
 
 def load_tune_config(path: str | Path | None, overrides: list[str] | None = None) -> tuple[TuneConfig, dict]:
     """(the sweep config, the base GRPO config as a mapping), every trial's config validated up front."""
-    data = load_yaml(path) if path else {}
-    cfg = from_dict(TuneConfig, apply_overrides(data, overrides or [])).validate()
+    cfg = load_config(TuneConfig, path, overrides)
     base: dict = {}
     if cfg.base:
         base_path = Path(cfg.base)
@@ -112,6 +100,8 @@ def _trial(params: dict[str, Any], base: dict, parent_run_id: str | None, sweep_
     """One Tune trial: a GRPO run in its own workdir, an MLflow child run of the sweep."""
     from ray import tune
 
+    from lance_platform.tracking import default_tracking_uri
+
     ctx = tune.get_context()
     cfg = trial_config(base, params)
     cfg.workdir = str(Path(sweep_dir) / ctx.get_trial_name())
@@ -145,6 +135,7 @@ def run_sweep(cfg: TuneConfig, base: dict) -> list[TrialSummary]:
     from ray.tune.schedulers import ASHAScheduler
 
     from lance_platform.runtime import init_ray
+    from lance_platform.tracking import Tracker, default_tracking_uri
 
     workdir = Path(cfg.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)

@@ -99,7 +99,7 @@ def test_unknown_preset_names_the_choices():
 
 
 def test_unknown_override_is_named():
-    with pytest.raises(ConfigError, match=r"hiden_size=5: not a LanceConfig field"):
+    with pytest.raises(ConfigError, match=r"hiden_size=5: unknown LanceConfig field"):
         LanceConfig.from_preset("tiny", hiden_size=5)
 
 

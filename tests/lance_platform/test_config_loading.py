@@ -1,20 +1,21 @@
 """YAML configs with dotted overrides into nested dataclasses."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 
 import pytest
 
+from lance_model.configio import configclass
 from lance_platform.config import ConfigError, apply_overrides, flatten, load_config
 
 
-@dataclass
+@configclass
 class Optim:
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)
 
 
-@dataclass
+@configclass
 class Stage:
     name: str = "pt"
     steps: int = 10
