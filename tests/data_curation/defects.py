@@ -1,10 +1,15 @@
 """A planted-defect folder corpus: one of each defect curation must quarantine or filter, with the
 outcome expected for every file (truncated JPEG, zero-byte and garbage MP4, non-UTF-8 and missing
-captions, a too-small image, exact and near duplicates, a blurred image, a static video)."""
+captions, a too-small image, exact and near duplicates, a blurred image, a static video, a
+decompression bomb, an animated GIF, a task typo, a listed file missing on disk, a symlink out of the
+corpus, caption-table lines that are not UTF-8 or not JSON), and a Parquet corpus with a bad-typed file."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,12 +38,35 @@ class DefectCorpus:
         return sorted(name for name, o in self.outcomes.items() if o == outcome)
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares `width` x `height` 8-bit grey pixels but holds only a few rows of them: what
+    a decompression bomb looks like to a reader that trusts the header (a few hundred bytes on disk)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * (width + 1) * 2))
+            + chunk(b"IEND", b""))
+
+
+def animated_gif(height: int, width: int, frames: int = 3) -> bytes:
+    import io
+
+    images = [Image.fromarray(render_text_image(w, height, width, seed=20 + i)) for i, w in enumerate("ABC"[:frames])]
+    buf = io.BytesIO()
+    images[0].save(buf, "GIF", save_all=True, append_images=images[1:], duration=100, loop=0)
+    return buf.getvalue()
+
+
 def write_defect_corpus(root: str | Path, height: int = 64, width: int = 96) -> DefectCorpus:
     """Write good items and one of each planted defect under `root` (captions.jsonl + sidecars).
 
     Rejection reasons: quarantine codes (`truncated_image`, `empty_file`, `undecodable_video`,
-    `caption_not_utf8`, `missing_caption`, `too_small`), filters (`filter:blur`, `filter:static`)
-    and dedup (`dedup:exact`, `dedup:near`)."""
+    `caption_not_utf8`, `missing_caption`, `too_small`, `too_many_pixels`, `animated_image`,
+    `unknown_task`, `missing_file`, `symlink_outside_source`, `caption_table_not_utf8`,
+    `caption_table_bad_json`), filters (`filter:blur`, `filter:static`) and dedup (`dedup:exact`,
+    `dedup:near`). Outcomes are keyed by file name; a caption-table line by `captions.jsonl#line=N`.
+    The symlink's target lies in `<root>-outside/`."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
@@ -99,5 +127,50 @@ def write_defect_corpus(root: str | Path, height: int = 64, width: int = 96) -> 
     (root / "static.mp4").write_bytes(encode_video(still, 12))
     records.append({"path": "static.mp4", "caption": video_caption("HOLD")})
     outcomes["static.mp4"] = "filter:static"
-    (root / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    # what used to stop the whole job: a 30000x30000 bomb, an animated GIF, a task typo, a listed file
+    # that is not on disk, a symlink to a file outside the corpus
+    (root / "bomb.png").write_bytes(png_header(30000, 30000))
+    records.append({"path": "bomb.png", "caption": image_caption("BOOM")})
+    outcomes["bomb.png"] = "too_many_pixels"
+    (root / "anim.gif").write_bytes(animated_gif(height, width))
+    records.append({"path": "anim.gif", "caption": image_caption("ABC")})
+    outcomes["anim.gif"] = "animated_image"
+    (root / "typo.png").write_bytes(encode_image(render_text_image("TYPO", height, width, 15)))
+    records.append({"path": "typo.png", "task": "T2I", "caption": image_caption("TYPO")})
+    outcomes["typo.png"] = "unknown_task"
+    records.append({"path": "gone.png", "caption": image_caption("GONE")})
+    outcomes["gone.png"] = "missing_file"
+    outside = root.with_name(root.name + "-outside")
+    outside.mkdir(exist_ok=True)
+    (outside / "secret.png").write_bytes(encode_image(render_text_image("KEYS", height, width, 16)))
+    os.symlink(outside / "secret.png", root / "outside.png")
+    records.append({"path": "outside.png", "caption": image_caption("KEYS")})
+    outcomes["outside.png"] = "symlink_outside_source"
+    lines = [json.dumps(r).encode() for r in records]
+    # two unusable caption-table lines: quarantined by line number, every other line kept
+    lines.append('{"path": "caf\u00e9.png", "caption": "a caf\u00e9"}'.encode("latin-1"))
+    outcomes[f"captions.jsonl#line={len(lines)}"] = "caption_table_not_utf8"
+    lines.append(b'{"path": "half.png", "caption": ')
+    outcomes[f"captions.jsonl#line={len(lines)}"] = "caption_table_bad_json"
+    (root / "captions.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     return DefectCorpus(root, outcomes)
+
+
+def write_defect_parquet(root: str | Path, height: int = 64, width: int = 96) -> dict[str, str]:
+    """A t2i Parquet corpus under `root`: `good.parquet` (two rows that curate) and `bad.parquet`,
+    whose `image_bytes` column is int64 (both its rows are `wrong_column_type`). Returns the outcome
+    per `<file>#rg=0&row=<n>`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    words = ("PIER", "YARD")
+    good = pa.table({"caption": [image_caption(w) for w in words],
+                     "image_bytes": [encode_image(render_text_image(w, height, width, seed=30 + i))
+                                     for i, w in enumerate(words)]})
+    pq.write_table(good, root / "good.parquet")
+    pq.write_table(pa.table({"caption": [image_caption("NUMBER"), image_caption("COUNT")],
+                             "image_bytes": pa.array([7, 8], pa.int64())}), root / "bad.parquet")
+    return {"good.parquet#rg=0&row=0": "curated", "good.parquet#rg=0&row=1": "curated",
+            "bad.parquet#rg=0&row=0": "wrong_column_type", "bad.parquet#rg=0&row=1": "wrong_column_type"}

@@ -1,4 +1,5 @@
-"""End-to-end curation on a local Ray: planted defects, shard round trip, crash-safe refresh."""
+"""End-to-end curation on a local Ray: planted defects (a folder corpus and a Parquet file of the
+wrong types, next to good items), shard round trip, crash-safe refresh."""
 from __future__ import annotations
 
 import json
@@ -15,7 +16,7 @@ from data_curation.stages import PrepareStage, VaeStage, VitStage, shard_row, to
 from data_curation.media import encode_image
 from data_curation.synthetic import image_caption, render_text_image
 
-from defects import write_defect_corpus
+from defects import write_defect_corpus, write_defect_parquet
 from lance_model.config import LanceConfig
 
 
@@ -28,18 +29,25 @@ def shard_rows(out) -> list[dict]:
 def defect_run(ray_local, tmp_path_factory, folder_config):
     root = tmp_path_factory.mktemp("defects")
     corpus = write_defect_corpus(root / "corpus")
+    corpus.outcomes.update(write_defect_parquet(root / "parquet"))
+    sources = (f"sources=[{{kind: folder, name: folder, uri: '{corpus.root}', captions: captions.jsonl}}, "
+               f"{{kind: parquet, name: pq, uri: '{root / 'parquet'}', layout: t2i}}]")
     cfg = folder_config(corpus.root, root / "out", "tracking.enabled=true", f"tracking.workdir={root / 'mlflow'}",
-                        "output.store_pixels=true")
+                        "output.store_pixels=true", sources)
     result = run_curation(cfg, "curate")
     return corpus, cfg, result, root / "out"
 
 
 def test_planted_defects_give_exact_rows_and_counts(defect_run):
     corpus, _, result, out = defect_run
+    # nothing stops the job: the bomb, the bad-typed Parquet file, the unusable caption lines, the
+    # missing file and the symlink out of the corpus are each one quarantined item, counted
     assert result.counts == {
-        "listed": 18, "already_seen": 0, "new": 18, "curated": 8, "shards": 1,
-        "quarantined": {"caption_not_utf8": 1, "empty_file": 1, "missing_caption": 1, "too_small": 1,
-                        "truncated_image": 1, "undecodable_video": 1},
+        "listed": 29, "already_seen": 0, "new": 29, "curated": 10, "shards": 1,
+        "quarantined": {"animated_image": 1, "caption_not_utf8": 1, "caption_table_bad_json": 1,
+                        "caption_table_not_utf8": 1, "empty_file": 1, "missing_caption": 1, "missing_file": 1,
+                        "symlink_outside_source": 1, "too_many_pixels": 1, "too_small": 1, "truncated_image": 1,
+                        "undecodable_video": 1, "unknown_task": 1, "wrong_column_type": 2},
         "filtered": {"blur": 1, "static": 1},
         "duplicate": {"exact": 1, "near": 1},
     }
@@ -78,7 +86,7 @@ def test_planted_defects_give_exact_rows_and_counts(defect_run):
 def test_run_writes_manifest_report_and_mlflow_run(defect_run):
     _, cfg, result, out = defect_run
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["schema_version"] == SCHEMA_VERSION and manifest["total_rows"] == 8
+    assert manifest["schema_version"] == SCHEMA_VERSION and manifest["total_rows"] == 10
     shard = out / manifest["shards"][0]["path"]
     import hashlib
     assert manifest["shards"][0]["sha256"] == hashlib.sha256(shard.read_bytes()).hexdigest()
@@ -86,11 +94,12 @@ def test_run_writes_manifest_report_and_mlflow_run(defect_run):
     report = out / manifest["runs"][0]["report"]
     assert {p.name for p in report.iterdir()} == {"stats.json", "resolution.png", "duration.png",
                                                   "caption_length.png", "buckets.png"}
-    assert json.loads((report / "stats.json").read_text())["buckets"] == {"4:3": 8}
+    assert json.loads((report / "stats.json").read_text())["buckets"] == {"4:3": 10}
     from mlflow.tracking import MlflowClient
     client = MlflowClient(f"sqlite:///{cfg.tracking.workdir}/mlflow.db")
     run = client.get_run(result.mlflow_run_id)
-    assert run.data.metrics["curated"] == 8 and run.data.metrics["quarantined.truncated_image"] == 1
+    assert run.data.metrics["curated"] == 10 and run.data.metrics["quarantined.truncated_image"] == 1
+    assert run.data.metrics["quarantined.too_many_pixels"] == 1 and run.data.metrics["quarantined.missing_file"] == 1
     assert run.data.params["filters.min_blur"] == "5.0"
     assert run.inputs.dataset_inputs[0].dataset.name == "curated-shards"
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"report", "manifest.json", "config.yaml"}
