@@ -69,7 +69,7 @@ def _ray_data(cfg: CurationConfig):
 
     init_ray(cfg.ray_address, num_cpus=cfg.num_cpus)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    # progress bars: Ray Data's default, which lance_platform.logs turns off when stdout is not a terminal
     ctx.execution_options.preserve_order = True  # deterministic shard contents for a given input
     return ray
 

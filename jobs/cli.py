@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from lance_model.checkpoint import CheckpointError
 from lance_model.config import ConfigError
+from lance_platform.logs import configure_output
 from lance_platform.runtime import RayUnavailableError
 from rl.ocr import OcrEngineUnavailable
 
@@ -90,8 +91,8 @@ def check_ray_address(address: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # quiet Ray output when stdout is not a terminal; full logs under the command's --workdir
+    configure_output(getattr(logging, args.log_level), getattr(args, "workdir", None))
     if args.ray_address:
         # Every Ray-using stage (and every Ray process it starts) reads RAY_ADDRESS.
         os.environ["RAY_ADDRESS"] = args.ray_address

@@ -2,11 +2,20 @@
 
 Local Ray is sized to the machine and started without the dashboard, so the embedded default needs
 no services. An unreachable address is a user error with one clear line, not a traceback.
+
+Ray's output follows `lance_platform.logs` (quiet when stdout is not a terminal): its environment
+is set before Ray starts, so local workers inherit it; a cluster's workers get the variables they
+need (the Ray Data progress switch, the MLflow HTTP client defaults) through the runtime env,
+except those the job's own runtime env already sets.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+
+from lance_platform import logs
+from lance_platform.tracking import http_client_env
 
 log = logging.getLogger(__name__)
 
@@ -21,16 +30,35 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, runtime_en
 
     if ray.is_initialized():
         return "existing"
+    logs.output_mode()  # the output environment is in place before any Ray process starts
+    worker_env = {**http_client_env(), **logs.ray_worker_env()}
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         try:
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+            ray.init(address=address, runtime_env=with_env_vars(runtime_env, worker_env), log_to_driver=True)
         except Exception as exc:  # Ray raises several types for an unreachable head
             raise RayUnavailableError(f"cannot connect to Ray at {address}: {exc}".splitlines()[0]) from exc
         log.info("connected to Ray cluster at %s", address)
+        logs.start_log_files()
         return f"cluster {address}"
     # address="local": always a new local instance, never a cluster another `ray start` left behind
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
              runtime_env=runtime_env, log_to_driver=True, configure_logging=False)
     log.info("started local Ray with %s CPUs", num_cpus or os.cpu_count())
+    logs.start_log_files()
     return "local"
+
+
+def with_env_vars(runtime_env: dict | None, env: dict[str, str]) -> dict | None:
+    """`runtime_env` plus `env` for the workers, leaving out variables that `runtime_env` or the Ray
+    job this driver runs in already sets (Ray refuses to merge the same variable twice)."""
+    job_env = {}
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # the driver of a `ray job submit` job
+        job_config = json.loads(os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"])
+        job_env = (job_config.get("runtime_env") or {}).get("env_vars") or {}
+    merged = dict(runtime_env or {})
+    env_vars = dict(merged.get("env_vars") or {})
+    env_vars.update({k: v for k, v in env.items() if k not in job_env and k not in env_vars})
+    if env_vars:
+        merged["env_vars"] = env_vars
+    return merged or None
