@@ -9,8 +9,8 @@ INFO lines go only to its log file, in every Ray process: both are set through e
 variables that Ray Data reads when it is imported (`RAY_DATA_DISABLE_PROGRESS_BARS`,
 `RAY_DATA_LOGGING_CONFIG`), set before Ray starts so that local workers inherit them (the progress
 switch is also forwarded to a cluster's workers by `init_ray`). The full logs go to files: this
-process's log in `<log dir>/lance-pipeline.log` and the Ray session's logs (workers, Ray Data,
-Ray Train) linked as `<log dir>/ray`; the folder's path is logged once when Ray starts.
+process's log in `<workdir>/logs/lance-pipeline.log` and the Ray session's logs (workers, Ray
+Data, Ray Train) linked as `<workdir>/logs/ray`; the folder's path is logged once when Ray starts.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 OWN_PACKAGES = ("lance_model", "lance_platform", "data_curation", "pipelines", "rl", "jobs", "__main__")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_DIR = "logs"
 LOG_FILE = "lance-pipeline.log"
 RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
 # Environment for every Ray process of a non-interactive run; values the user set win.
@@ -49,12 +50,12 @@ class OwnOrWarning(logging.Filter):
         return record.levelno >= logging.WARNING or record.name.split(".")[0] in OWN_PACKAGES
 
 
-def configure_output(level: int = logging.INFO, log_dir: str | Path | None = None,
+def configure_output(level: int = logging.INFO, workdir: str | Path | None = None,
                      interactive: bool | None = None) -> OutputMode:
     """Set up logging and Ray's output for this process, once, before Ray starts.
 
-    `interactive` defaults to whether stdout is a terminal; `log_dir` is where the full logs go
-    (created when Ray starts; default: the Ray session's own log folder only)."""
+    `interactive` defaults to whether stdout is a terminal; the full logs go to `<workdir>/logs`
+    (created when Ray starts; without a work dir: the Ray session's own log folder only)."""
     global _mode
     interactive = sys.stdout.isatty() if interactive is None else interactive
     root = logging.getLogger()
@@ -78,7 +79,7 @@ def configure_output(level: int = logging.INFO, log_dir: str | Path | None = Non
 
             configure_logging()
             DataContext.get_current().enable_progress_bars = False
-    _mode = OutputMode(interactive, Path(log_dir).resolve() if log_dir else None)
+    _mode = OutputMode(interactive, Path(workdir).resolve() / LOG_DIR if workdir else None)
     return _mode
 
 

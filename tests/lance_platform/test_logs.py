@@ -39,7 +39,7 @@ def console_passes(name: str, level: int) -> bool:
 
 def test_non_interactive_keeps_own_lines_and_warnings_only(clean_output, tmp_path):
     mode = logs.configure_output(logging.INFO, tmp_path / "work", interactive=False)
-    assert not mode.interactive and mode.log_dir == (tmp_path / "work").resolve()
+    assert not mode.interactive and mode.log_dir == (tmp_path / "work" / "logs").resolve()
     assert console_passes("pipelines.trainer", logging.INFO)
     assert console_passes("jobs.demo", logging.INFO)
     assert not console_passes("mlflow.store.db.utils", logging.INFO)
