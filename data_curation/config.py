@@ -87,7 +87,9 @@ class SyntheticSpec:
 
 @configclass
 class SourceConfig:
-    """One input corpus (DATA.md §1). `uri` is a local path or any pyarrow/fsspec filesystem URI."""
+    """One input corpus (DATA.md §1). `uri` is a local path or any pyarrow/fsspec filesystem URI.
+    `follow_external_symlinks` (default false): whether a symlink under a local `uri` that resolves
+    outside it is curated; when false such an item is quarantined as `symlink_outside_source`."""
 
     kind: SourceKind = "synthetic"
     name: NonEmptyStr = "synthetic"
