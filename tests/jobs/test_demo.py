@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +34,26 @@ def cli(*args: str, timeout: int) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
-    proc = cli("demo", "--workdir", str(workdir), timeout=1500)
+    return workdir, cli("demo", "--workdir", str(workdir), timeout=1500)
+
+
+@pytest.fixture(scope="module")
+def demo(demo_run):
+    workdir, proc = demo_run
     return workdir, proc.stdout
+
+
+def test_demo_output_is_short_when_not_a_terminal(demo_run):
+    workdir, proc = demo_run  # stdout and stderr are pipes here, as in CI or a Ray job's log
+    lines = proc.stdout.splitlines() + proc.stderr.splitlines()
+    assert len(lines) < 300, f"{len(lines)} lines; the most frequent: {Counter(lines).most_common(5)}"
+    assert not [line for line in lines if "Running Dataset" in line or "execution finished" in line]
+    logs = workdir / "logs"
+    assert f"full logs: {logs}" in proc.stderr
+    assert "curate run 0:" in (logs / "lance-pipeline.log").read_text()
+    assert (logs / "ray").is_dir() and any((logs / "ray").glob("worker-*.out"))
 
 
 def test_demo_tracks_one_parent_and_five_stage_runs(demo):
