@@ -7,9 +7,12 @@ which adds its parser and sets `func`. Every command that uses Ray connects to `
 `RAY_ADDRESS`, which Ray sets inside a Ray job) and otherwise starts a local Ray sized to the
 machine, so `ray job submit -- lance-pipeline COMMAND ...` runs the same code as a local call.
 
-Exit codes: 0 on success; 2 with ONE line on stderr for user mistakes (a bad option or override,
-a missing file, an unreachable Ray cluster); `--debug` shows the full traceback instead. Anything
-else is a bug or an infrastructure failure and keeps its traceback.
+Exit codes: 0 on success; 2 with ONE line on stderr for user mistakes, the typed errors of
+`jobs.errors.USER_ERRORS` (a bad option, config value or override, a missing file, an unreachable
+Ray cluster, ...); `--debug` shows the full traceback instead. Anything else (a plain `ValueError`
+included) is a bug or an infrastructure failure and keeps its traceback. Config errors come before
+Ray starts. Parsing the command line (`--help`, a mistyped command) imports none of torch, Ray,
+MLflow or transformers: each command imports them when it runs.
 """
 from __future__ import annotations
 
@@ -21,15 +24,9 @@ import socket
 import sys
 from urllib.parse import urlsplit
 
-from lance_model.checkpoint import CheckpointError
-from lance_model.config import ConfigError
+from jobs.errors import is_user_error
 from lance_platform.logs import configure_output
 from lance_platform.runtime import RayUnavailableError
-from rl.ocr import OcrEngineUnavailable
-
-# Mistakes a user fixes (config values, paths, a checkpoint or OCR model dir, the cluster address).
-USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, RayUnavailableError, CheckpointError,
-               OcrEngineUnavailable)
 
 # Each command module exposes `register(subparsers)`, which adds its parser and sets `func`.
 COMMAND_MODULES = ("jobs.demo", "jobs.curate", "jobs.train", "jobs.rl", "jobs.generate", "jobs.submit")
@@ -100,14 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in RAY_COMMANDS and ray_address(args):
             check_ray_address(ray_address(args))
         return args.func(args)
-    except USER_ERRORS as exc:
-        if args.debug:
-            raise
-        print(f"lance-pipeline: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("lance-pipeline: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if args.debug or not is_user_error(exc):
+            raise
+        print(f"lance-pipeline: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 
 from data_curation.config import CurationConfig
-from data_curation.pipeline import run_curation
 from lance_platform.config import load_config
 
 
 def cmd_curate(args: argparse.Namespace) -> int:
     cfg = load_config(CurationConfig, args.config, args.overrides)
+    from data_curation.pipeline import run_curation
+
     result = run_curation(cfg, args.command)
     counts = result.counts
     if result.run is None:

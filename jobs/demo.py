@@ -27,12 +27,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from data_curation.config import CurationConfig
+from jobs.errors import UsageError
 from lance_platform.config import ConfigError, load_config
 from pipelines.config import StageConfig, load_stage_config
-from lance_platform.tracking import Tracker, default_tracking_uri
 from rl.config import RLConfig
+
+if TYPE_CHECKING:
+    from lance_platform.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +105,15 @@ def load_demo_configs(workdir: Path, config_dir: Path, overrides: list[str], exp
             raise FileNotFoundError(f"demo config not found: {file}")
         return file
 
+    # Errors name the field as the user wrote it: `pt.optim.lr`, `curate.encode.vae_actors`.
     curate = load_config(CurationConfig, path("curation"), [
         f"output.dir={workdir / 'curated'}", f"tracking.workdir={workdir}", f"tracking.experiment={experiment}",
-        *by_stage["curate"]])
-    stages = [load_stage_config(path(name), [f"name={name}", *by_stage[name]], require_shards=False)
+        *by_stage["curate"]], prefix="curate.")
+    stages = [load_stage_config(path(name), [f"name={name}", *by_stage[name]], require_shards=False,
+                                prefix=f"{name}.")
               for name in TRAIN_STAGES]
     rl = load_config(RLConfig, path("rl"), [f"workdir={workdir / 'rl'}", f"experiment={experiment}",
-                                             *by_stage["rl"]])
+                                             *by_stage["rl"]], prefix="rl.")
     return DemoConfigs(curate, stages, rl)
 
 
@@ -115,7 +121,7 @@ def prepare_workdir(workdir: Path) -> None:
     """Replace a previous demo; refuse to delete anything else."""
     if workdir.exists() and any(workdir.iterdir()):
         if not (workdir / MARKER).is_file():
-            raise ValueError(f"--workdir {workdir} is not empty and holds no previous demo; choose another --workdir")
+            raise UsageError(f"--workdir {workdir} is not empty and holds no previous demo; choose another --workdir")
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / MARKER).write_text("written by `lance-pipeline demo`; the next demo run replaces this directory\n")
@@ -204,6 +210,7 @@ def grpo_line(s: StageSummary) -> str:
 def run_demo(workdir: str | Path = "runs/demo", config_dir: str | Path = CONFIG_DIR,
              overrides: list[str] | None = None, experiment: str = "lance") -> DemoResult:
     from lance_platform.runtime import init_ray
+    from lance_platform.tracking import Tracker, default_tracking_uri
 
     start = time.time()
     workdir = Path(workdir).resolve()

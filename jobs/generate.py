@@ -17,24 +17,21 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
+from jobs.errors import UsageError
 from lance_model.config import LanceConfig
-from lance_model.generation import (
-    EDIT_TASKS,
-    TASK_ALIASES,
-    TEXT_TASKS,
-    VISUAL_TASKS,
-    Request,
-    SamplerOptions,
-    TextOptions,
-    canonical_task,
-    validate_request,
-)
+
+if TYPE_CHECKING:
+    import torch
+
+    from lance_model.generation import Request
 
 log = logging.getLogger(__name__)
+
+# The --task choices: lance_model.generation's VISUAL_TASKS + TEXT_TASKS + its aliases (written out
+# so that parsing the command line does not import torch; a test keeps them equal).
+TASK_CHOICES = ("t2i", "t2v", "i2v", "image_edit", "video_edit", "i2t", "v2t", "x2t_image", "x2t_video")
 
 IMAGE_INPUT_TASKS = ("i2v", "image_edit", "i2t")
 VIDEO_INPUT_TASKS = ("video_edit", "v2t")
@@ -45,6 +42,8 @@ PROMPT_FIELDS = {"task", "prompt", "image", "video", "height", "width", "frames"
 # ------------------------------------------------------------------------------------------ inputs
 def read_image(path: Path, height: int | None = None, width: int | None = None) -> torch.Tensor:
     """An image file -> [1, 3, H, W] in [0, 1], resized to height x width when both are given."""
+    import numpy as np
+    import torch
     from PIL import Image
 
     if not path.is_file():
@@ -56,7 +55,7 @@ def read_image(path: Path, height: int | None = None, width: int | None = None) 
                 im = im.resize((width, height), Image.BICUBIC)
             array = np.asarray(im, dtype=np.uint8).copy()
     except (OSError, ValueError, SyntaxError) as exc:  # PIL's UnidentifiedImageError is an OSError
-        raise ValueError(f"cannot read image {path}: {exc}") from None
+        raise UsageError(f"cannot read image {path}: {exc}") from None
     return torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255.0
 
 
@@ -65,6 +64,8 @@ def read_video(path: Path, frames: int | None, frame_stride: int, height: int | 
     """A video file -> [T, 3, H, W] in [0, 1]. T = `frames` (the video must have that many) or the
     largest 1 + k*frame_stride available (capped at `max_frames`)."""
     import imageio.v2 as imageio
+    import numpy as np
+    import torch
     from PIL import Image
 
     if not path.is_file():
@@ -78,11 +79,11 @@ def read_video(path: Path, frames: int | None, frame_stride: int, height: int | 
                 if want and len(out) >= want:
                     break
     except (OSError, ValueError, RuntimeError, IndexError) as exc:
-        raise ValueError(f"cannot read video {path}: {exc}") from None
+        raise UsageError(f"cannot read video {path}: {exc}") from None
     if not out:
-        raise ValueError(f"cannot read video {path}: no frames")
+        raise UsageError(f"cannot read video {path}: no frames")
     if frames and len(out) < frames:
-        raise ValueError(f"video {path} has {len(out)} frames; frames={frames} were asked for")
+        raise UsageError(f"video {path} has {len(out)} frames; frames={frames} were asked for")
     if not frames:
         out = out[: 1 + (len(out) - 1) // frame_stride * frame_stride]
     if height and width:
@@ -120,8 +121,10 @@ class PromptSpec:
 
 
 def prompt_specs(args: argparse.Namespace) -> list[PromptSpec]:
+    from lance_model.generation import canonical_task
+
     if bool(args.prompt is not None) == bool(args.prompts):
-        raise ValueError("give exactly one of --prompt TEXT or --prompts FILE.json")
+        raise UsageError("give exactly one of --prompt TEXT or --prompts FILE.json")
     if args.prompts:
         path = Path(args.prompts)
         if not path.is_file():
@@ -129,9 +132,9 @@ def prompt_specs(args: argparse.Namespace) -> list[PromptSpec]:
         try:
             entries = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
-            raise ValueError(f"prompts file {path}: not valid JSON ({exc})") from None
+            raise UsageError(f"prompts file {path}: not valid JSON ({exc})") from None
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-            raise ValueError(f"prompts file {path}: expected a JSON list of objects")
+            raise UsageError(f"prompts file {path}: expected a JSON list of objects")
         base = path.parent
     else:
         entries, base = [{"prompt": args.prompt}], Path.cwd()
@@ -139,10 +142,12 @@ def prompt_specs(args: argparse.Namespace) -> list[PromptSpec]:
     for i, e in enumerate(entries):
         unknown = sorted(set(e) - PROMPT_FIELDS)
         if unknown:
-            raise ValueError(f"prompt {i}: unknown field(s) {unknown}; known: {sorted(PROMPT_FIELDS)}")
+            raise UsageError(f"prompt {i}: unknown field(s) {unknown}; known: {sorted(PROMPT_FIELDS)}")
         task = e.get("task", args.task)
         if task is None:
-            raise ValueError(f"prompt {i}: no task (give --task or a 'task' field)")
+            raise UsageError(f"prompt {i}: no task (give --task or a 'task' field)")
+        if task not in TASK_CHOICES:
+            raise UsageError(f"prompt {i}: task={task!r}: expected one of {list(TASK_CHOICES)}")
         specs.append(PromptSpec(
             task=canonical_task(task), prompt=str(e.get("prompt", "")),
             image=_resolve(e.get("image", args.image), base), video=_resolve(e.get("video", args.video), base),
@@ -159,33 +164,38 @@ def _resolve(path: str | None, base: Path) -> str | None:
 
 def build_request(spec: PromptSpec, config: LanceConfig, index: int) -> Request:
     """Read the spec's inputs and check the request against the model config (no weights needed)."""
+    from lance_model.generation import EDIT_TASKS
     task = spec.task
     source = None
     if task in IMAGE_INPUT_TASKS:
         if spec.image is None:
-            raise ValueError(f"prompt {index}: task {task} needs --image")
+            raise UsageError(f"prompt {index}: task {task} needs --image")
         source = read_image(Path(spec.image), spec.height, spec.width)
     elif task in VIDEO_INPUT_TASKS:
         if spec.video is None:
-            raise ValueError(f"prompt {index}: task {task} needs --video")
+            raise UsageError(f"prompt {index}: task {task} needs --video")
         stride = config.vae.temporal_stride if task in EDIT_TASKS else 1
         cap = (config.max_latent_frames - 1) * stride + 1 if task in EDIT_TASKS else MAX_V2T_FRAMES
         source = read_video(Path(spec.video), spec.frames, stride, spec.height, spec.width, cap)
     if task in ("t2i", "t2v") and (spec.height is None or spec.width is None):
-        raise ValueError(f"prompt {index}: task {task} needs --height and --width")
+        raise UsageError(f"prompt {index}: task {task} needs --height and --width")
     frames = spec.frames if spec.frames is not None else 1
     if task in ("t2v", "i2v") and spec.frames is None:
-        raise ValueError(f"prompt {index}: task {task} needs --frames (1 + {config.vae.temporal_stride}k)")
+        raise UsageError(f"prompt {index}: task {task} needs --frames (1 + {config.vae.temporal_stride}k)")
+    from lance_model.generation import Request, validate_request
+
     req = Request(task, spec.prompt, spec.height, spec.width, frames, spec.seed, source)
     try:
         validate_request(req, config)
-    except ValueError as exc:
-        raise ValueError(f"prompt {index}: {exc}") from None
+    except ValueError as exc:  # the request's documented check: a size or frame count the model cannot take
+        raise UsageError(f"prompt {index}: {exc}") from None
     return req
 
 
 # ------------------------------------------------------------------------------------------ command
 def _device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    import torch
+
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
@@ -197,11 +207,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
     config = LanceConfig.from_pretrained(checkpoint)
-    sampler = SamplerOptions(args.steps, args.shift, args.cfg_text, args.cfg_image, tuple(args.cfg_interval),
-                             args.cfg_renorm, args.cfg_renorm_min).validate()
-    text = TextOptions(args.max_new_tokens, args.temperature, args.top_p).validate()
+    from lance_model.generation import SamplerOptions, TextOptions
+
+    try:  # the options' documented checks: values out of range
+        sampler = SamplerOptions(args.steps, args.shift, args.cfg_text, args.cfg_image, tuple(args.cfg_interval),
+                                 args.cfg_renorm, args.cfg_renorm_min).validate()
+        text = TextOptions(args.max_new_tokens, args.temperature, args.top_p).validate()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if args.fps < 1 or args.batch_size < 1:
-        raise ValueError(f"--fps={args.fps} and --batch-size={args.batch_size}: expected positive integers")
+        raise UsageError(f"--fps={args.fps} and --batch-size={args.batch_size}: expected positive integers")
     requests = [build_request(spec, config, i) for i, spec in enumerate(prompt_specs(args))]
 
     from lance_model.generation import LanceGenerator
@@ -235,7 +250,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    tasks = VISUAL_TASKS + TEXT_TASKS + tuple(TASK_ALIASES)
+    tasks = TASK_CHOICES
     p = sub.add_parser("generate", help="generate images/videos/captions from a checkpoint",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (Lance.from_pretrained)")

@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from jobs.errors import UsageError
 from lance_platform.runtime import RayUnavailableError
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
@@ -46,7 +47,7 @@ def job_env(extra: list[str]) -> dict[str, str]:
     for item in extra:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--env {item!r}: expected KEY=VALUE")
+            raise UsageError(f"--env {item!r}: expected KEY=VALUE")
         env[key] = value
     return env
 
@@ -64,7 +65,7 @@ def entrypoint(args: argparse.Namespace) -> str:
 
     command = [args.job_command, *args.job_args]
     if args.job_command == "submit":
-        raise ValueError("submit: the job must be another command (demo, curate, refresh, train, ...)")
+        raise UsageError("submit: the job must be another command (demo, curate, refresh, train, ...)")
     build_parser().parse_args(command)  # usage errors here, not on the cluster
     prefix = ["--debug"] if args.debug else []
     return shlex.join(["python", "-m", "jobs.cli", *prefix, "--log-level", args.log_level, *command])

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from jobs.errors import UsageError
 from pipelines.config import load_stage_config
-from pipelines.trainer import StageResult, run_pipeline, run_stage
+
+if TYPE_CHECKING:
+    from pipelines.trainer import StageResult
 
 
 def print_results(results: list[StageResult]) -> None:
@@ -23,15 +27,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     # data.shards is checked by run_stage, whose error says how to make shards
     stage = load_stage_config(config, [f"name={args.stage}", *args.overrides], require_shards=False)
     if stage.init.kind == "previous" and not args.init:
-        raise ValueError(f"stage {args.stage} starts from the previous stage: pass --init <checkpoint dir> "
+        raise UsageError(f"stage {args.stage} starts from the previous stage: pass --init <checkpoint dir> "
                          "(e.g. runs/pipeline/pt/final) or override init.kind")
     if args.init and not Path(args.init).is_dir():
         raise FileNotFoundError(f"--init checkpoint directory not found: {args.init}")
+    from pipelines.trainer import run_stage
+
     print_results([run_stage(stage, args.workdir, init_path=args.init, address=args.address)])
     return 0
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
+    from pipelines.trainer import run_pipeline
+
     print_results(run_pipeline(args.config, args.overrides, address=args.address))
     return 0
 
