@@ -158,7 +158,11 @@ def restore_checkpoint(directory: Path, model: Lance, optimizer, scheduler, ema:
                        rank: int) -> int:
     """Strictly load a verified checkpoint (model, optimizer by name, EMA, scheduler, this rank's data
     state); returns the step to continue from."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     source = str(directory / ckpt.MODEL_FILE)
     full = ckpt.read_model_state(directory)

@@ -65,10 +65,10 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 def assert_same_optimizer(a: dict[str, dict], b: dict[str, dict]) -> None:
     assert a.keys() == b.keys() and a
-    for name in a:
-        assert a[name].keys() == b[name].keys() == {"step", "exp_avg", "exp_avg_sq"}
-        for key in a[name]:
-            torch.testing.assert_close(b[name][key], a[name][key], rtol=0, atol=0)
+    for name, entry in a.items():
+        assert entry.keys() == b[name].keys() == {"step", "exp_avg", "exp_avg_sq"}
+        for key, value in entry.items():
+            torch.testing.assert_close(b[name][key], value, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------- round trip
