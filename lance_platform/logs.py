@@ -8,7 +8,8 @@ the command prints (its final table). Ray Data's progress reports are off and it
 INFO lines go only to its log file, in every Ray process: both are set through environment
 variables that Ray Data reads when it is imported (`RAY_DATA_DISABLE_PROGRESS_BARS`,
 `RAY_DATA_LOGGING_CONFIG`), set before Ray starts so that local workers inherit them (the progress
-switch is also forwarded to a cluster's workers by `init_ray`). The full logs go to files: this
+switch is also forwarded to a cluster's workers by `init_ray`); a known once-a-second Ray Train
+warning is kept out of the console with Ray's own `RAY_DEDUP_LOGS_SKIP_REGEX`. The full logs go to files: this
 process's log in `<workdir>/logs/lance-pipeline.log` and the Ray session's logs (workers, Ray
 Data, Ray Train) linked as `<workdir>/logs/ray`; the folder's path is logged once when Ray starts.
 """
@@ -31,6 +32,10 @@ RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
 QUIET_RAY_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 # Only meaningful where this package sits at the same path (the driver and local workers).
 QUIET_LOCAL_ENV = {"RAY_DATA_LOGGING_CONFIG": str(RAY_DATA_LOGGING)}
+# Read by the driver when `ray` is imported: worker lines it leaves out of the console (they stay in
+# the workers' log files). Ray Train's placement-group cleaner asks the State API every second,
+# which a local Ray without the dashboard does not serve: one warning a second per training stage.
+QUIET_DRIVER_ENV = {"RAY_DEDUP_LOGS_SKIP_REGEX": "Failed to query Ray Train Controller actor state"}
 
 
 @dataclass
@@ -71,7 +76,7 @@ def configure_output(level: int = logging.INFO, workdir: str | Path | None = Non
         console.removeFilter(f)
     if not interactive:
         console.addFilter(OwnOrWarning())
-        for key, value in {**QUIET_RAY_ENV, **QUIET_LOCAL_ENV}.items():
+        for key, value in {**QUIET_RAY_ENV, **QUIET_LOCAL_ENV, **QUIET_DRIVER_ENV}.items():
             os.environ.setdefault(key, value)
         if "ray.data" in sys.modules:  # imported before this call: apply the quiet settings now
             from ray.data import DataContext

@@ -26,11 +26,11 @@ class RayUnavailableError(ConnectionError):
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, runtime_env: dict | None = None) -> str:
     """Initialise Ray once per process; returns "cluster <address>" or "local"."""
+    logs.output_mode()  # the output environment is in place before Ray is imported and started
     import ray
 
     if ray.is_initialized():
         return "existing"
-    logs.output_mode()  # the output environment is in place before any Ray process starts
     worker_env = {**http_client_env(), **logs.ray_worker_env()}
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import yaml
@@ -12,7 +14,7 @@ import yaml
 from lance_platform import logs
 from lance_platform.runtime import with_env_vars
 
-KEYS = (*logs.QUIET_RAY_ENV, *logs.QUIET_LOCAL_ENV)
+KEYS = (*logs.QUIET_RAY_ENV, *logs.QUIET_LOCAL_ENV, *logs.QUIET_DRIVER_ENV)
 
 
 @pytest.fixture
@@ -46,9 +48,12 @@ def test_non_interactive_keeps_own_lines_and_warnings_only(clean_output, tmp_pat
     assert not console_passes("ray.train.v2", logging.INFO)
     assert console_passes("ray.train.v2", logging.WARNING) and console_passes("urllib3", logging.ERROR)
     assert os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1"
-    config = yaml.safe_load(open(os.environ["RAY_DATA_LOGGING_CONFIG"]))
+    config = yaml.safe_load(Path(os.environ["RAY_DATA_LOGGING_CONFIG"]).read_text())
     assert config["handlers"]["console"]["level"] == "WARNING"
     assert config["loggers"]["ray.data"]["handlers"] == ["file", "console"]
+    skip = re.compile(os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"])
+    assert skip.search("(PlacementGroupCleaner pid=1) Failed to query Ray Train Controller actor state. State API")
+    assert not skip.search("(RayTrainWorker pid=2) step 3: non-finite loss")
 
 
 def test_interactive_shows_everything_and_leaves_ray_alone(clean_output):
