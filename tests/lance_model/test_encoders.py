@@ -20,7 +20,6 @@ from lance_model.encoders import (
     vit_token_count,
 )
 
-
 # ---------------------------------------------------------------------- expected values
 # Written out here, not imported from the code under test: the released numbers.
 # OpenAI CLIP pixel normalisation (Qwen2.5-VL's image processor uses it).

@@ -64,7 +64,7 @@ def fail_once_at_step(monkeypatch):
     goes on; Ray Train then resumes the stage from its last checkpoint. Test-only fault injection:
     the entry point `run_stage` hands to Ray Train is replaced by one that patches the packer inside
     the worker process (a nested function, so Ray ships it by value)."""
-    import pipelines.trainer as trainer
+    from pipelines import trainer
 
     def arm(fail_step: int) -> None:
         def failing_entry(config: dict) -> None:

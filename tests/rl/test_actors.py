@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 
-import rl.actors as actors
+from rl import actors
 from rl.ocr import OcrConfig
 
 WORDS = ["OPEN", "STOP", "EXIT", "SALE", "CAFE", "PARK"]  # two actors: OPEN STOP EXIT | SALE CAFE PARK

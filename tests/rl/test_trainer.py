@@ -101,7 +101,7 @@ def test_two_grpo_iterations_log_to_mlflow_and_write_a_loadable_checkpoint(ray_l
 def brightness_actors(monkeypatch):
     """Reward actors (real Ray actors in the real pool) scoring `ocr` = mean pixel value / 255 and
     `ocr_exact` = 1 when that is above 0.5; no OCR engine is loaded."""
-    import rl.actors as actors
+    from rl import actors
 
     class BrightnessRewardActor(actors.OcrRewardActor):
         def __init__(self, ocr, frame_stride: int = 1) -> None:
