@@ -8,6 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from lance_model import Lance
 from lance_model.checkpoint import read_tensors
+from lance_platform.checkpoint import verify
 from lance_platform.config import ConfigError
 from pipelines.config import load_stage_config
 from lance_platform.tracking import default_tracking_uri
@@ -45,6 +46,16 @@ def test_stage_resumes_after_a_worker_failure_to_the_same_weights(ray_local, tmp
     # The uninterrupted run trained, checkpointed in the official layout and tracked everything.
     model = Lance.from_pretrained(reference.checkpoint)
     assert (reference.checkpoint / "ema.safetensors").is_file()
+    # Every checkpoint is one complete, pickle-free directory of the shared format: rank 1's share
+    # (its data state) landed beside rank 0's, listed by its own manifest; the export verifies too.
+    exported = verify(reference.checkpoint)
+    assert {"optimizer.safetensors", "optimizer.json", "trainer_state.json"} <= set(exported["files"])
+    assert exported["step"] == 8 and exported["parts"] == []
+    ray_checkpoints = sorted(d for d in (tmp_path / "a" / "pt" / "ray" / "pt").glob("checkpoint_*") if d.is_dir())
+    assert ray_checkpoints
+    for d in ray_checkpoints:
+        assert verify(d)["parts"] == ["manifest.rank1.json"] and (d / "data_state_rank1.json").is_file()
+        assert not (d / "optim").exists() and not list(d.glob("*.pt"))
     client = MlflowClient(default_tracking_uri(tmp_path / "a"))
     run = client.get_run(reference.run_id)
     assert run.info.status == "FINISHED" and run.data.params["optim.lr"] == "0.003"
