@@ -108,3 +108,43 @@ def test_generate_an_image_from_the_final_checkpoint(demo, tmp_path):
     assert image.shape == (32, 32, 3) and image.std() > 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert results[0]["file"] == "000_t2i.png" and results[0]["task"] == "t2i"
+
+
+def test_demo_grpo_trains_on_rewards_with_spread_and_changes_the_weights(demo, tmp_path):
+    from safetensors.torch import load_file
+
+    workdir, out = demo
+    summary = json.loads((workdir / "summary.json").read_text())
+    rl, sft = summary[-1], summary[-2]
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    run_id = rl["run_id"]
+    group_size = int(client.get_run(run_id).data.params["rollout.group_size"])
+
+    spread_groups = 0  # groups with reward > 0 and rewards that differ: the ones GRPO learns from
+    for step in (1, 2):
+        records = json.loads(Path(client.download_artifacts(run_id, f"samples/step-{step:06d}.json", str(tmp_path)))
+                             .read_text())
+        for g in range(0, len(records), group_size):
+            group = records[g:g + group_size]
+            assert len({r["prompt"] for r in group}) == 1
+            rewards = [r["reward"] for r in group]
+            if max(rewards) > 0 and max(rewards) > min(rewards):
+                spread_groups += 1
+                assert any(r["advantage"] != 0 for r in group)
+    assert spread_groups >= 1
+
+    steps = [m.value for m in client.get_metric_history(run_id, "optimizer_steps")]
+    skipped = [m.value for m in client.get_metric_history(run_id, "groups_skipped")]
+    assert len(steps) == 2 and sum(steps) >= 1  # real updates, counted as they ran
+    counters = rl["counters"]
+    assert counters["optimizer_steps"] == sum(steps) and counters["groups_skipped"] == sum(skipped)
+    assert counters["groups_trained"] + counters["groups_skipped"] == counters["groups"]
+    assert "start_eval/reward" in counters and rl["start_value"] == counters["start_eval/reward"]
+    line = next(line for line in out.splitlines() if line.startswith("GRPO: "))
+    assert f"{int(counters['optimizer_steps'])} optimizer steps" in line
+
+    before = load_file(Path(sft["output"]) / "model.safetensors")  # the weights GRPO started from
+    after = load_file(Path(rl["output"]) / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed, "GRPO took optimizer steps but no weight changed"
