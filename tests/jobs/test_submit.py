@@ -5,7 +5,9 @@ stop every Ray instance on the machine, other people's included.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -13,7 +15,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,6 +41,7 @@ def free_port() -> int:
 
 
 def wait_for_dashboard(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 180.0) -> None:
+    """Until the dashboard answers: 200, or 401 from a head that requires a token."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -45,13 +50,17 @@ def wait_for_dashboard(url: str, proc: subprocess.Popen, log: Path, timeout_s: f
             with urllib.request.urlopen(f"{url}/api/version", timeout=2) as r:
                 if r.status == 200:
                     return
+        except urllib.error.HTTPError as exc:
+            if exc.code == 401:
+                return
+            time.sleep(1)
         except OSError:
             time.sleep(1)
     pytest.fail(f"the Ray dashboard at {url} did not come up in {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="module")
-def ray_head():
+@contextlib.contextmanager
+def head_process(extra_env: dict[str, str]) -> Iterator[str]:
     """A Ray head with the dashboard (job server) on loopback; yields the dashboard URL."""
     # A short private temp dir: Ray's socket paths are length-limited, and `ray start` records the
     # cluster address there, so no other process on this machine can pick this head up by accident.
@@ -60,7 +69,7 @@ def ray_head():
     log = Path(temp_dir) / "ray-start.log"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env["PATH"] = os.pathsep.join([str(SCRIPTS), env.get("PATH", "")])  # the job's `python` is this one
-    env["RAY_AUTH_MODE"] = "disabled"  # a loopback test head: no token auth (Ray >= 2.5x enables it by default)
+    env.update(extra_env)
     with log.open("w") as out:
         proc = subprocess.Popen(
             [str(SCRIPTS / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
@@ -87,6 +96,22 @@ def ray_head():
             except subprocess.TimeoutExpired:
                 continue
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    # a loopback test head: no token auth (Ray >= 2.5x enables it by default)
+    with head_process({"RAY_AUTH_MODE": "disabled"}) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def token_head(tmp_path_factory):
+    """A head that requires a token; its token lives only in its environment and private HOME
+    (never the machine's ~/.ray/auth_token)."""
+    home = tmp_path_factory.mktemp("token-head-home")
+    with head_process({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "HOME": str(home)}) as url:
+        yield url
 
 
 def small_curation(tmp_path: Path) -> Path:
@@ -141,3 +166,22 @@ def test_no_wait_returns_at_once_with_the_job_id(ray_head, tmp_path, capsys):
         assert time.time() < deadline
         time.sleep(1)
     assert client.get_job_info(f"lance-nowait-{os.getpid()}").driver_exit_code == 2
+
+
+def test_a_token_auth_head_without_a_token_gets_one_line_where_plain_ray_prints_a_traceback(token_head, tmp_path):
+    # The client has no token: no RAY_AUTH_* variables and a HOME without ~/.ray/auth_token.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+    env["HOME"] = str(tmp_path)
+    ours = subprocess.run([sys.executable, "-m", "jobs.cli", "submit", "--address", token_head, "--working-dir",
+                           str(REPO), "curate", "--config", str(CURATION)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    expected = (f"lance-pipeline: error: the Ray dashboard at {token_head} requires a token: set RAY_AUTH_MODE=token "
+                "and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token")
+    assert ours.returncode == 2, ours.stderr[-3000:]
+    assert expected in ours.stderr.splitlines() and "Traceback" not in ours.stderr
+    assert "submitted Ray job" not in ours.stdout
+
+    plain = subprocess.run([str(SCRIPTS / "ray"), "job", "submit", "--address", token_head, "--", "python", "-c", "1"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert plain.returncode == 1
+    assert "Traceback (most recent call last)" in plain.stderr and "AuthenticationError" in plain.stderr
