@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,3 +115,152 @@ def test_submit_checks_the_command_line_before_submitting(capsys):
     assert "unrecognized arguments: --bogus" in one_error_line(capsys)
     assert main(["submit", "submit", "demo"]) == 2
     assert "another command" in one_error_line(capsys)
+
+
+# ------------------------------------------------------------------ typed config values, per family
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Config errors come before Ray: starting it fails the test."""
+    import lance_platform.runtime as runtime
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started before the config was checked")
+
+    monkeypatch.setattr(runtime, "init_ray", refuse)
+
+
+BAD_VALUES = [  # (a bad override, the field its one error line names)
+    ("optim.lr=abc", "optim.lr='abc'"),
+    ("data.max_tokens=lots", "data.max_tokens='lots'"),
+    ("scaling.num_workers=two", "scaling.num_workers='two'"),
+    ("model.overrides.nonsense=1", "model.overrides.nonsense=1: unknown LanceConfig field"),
+    ("model.overrides.text.hidden_size=abc", "model.overrides.text.hidden_size='abc'"),
+    ("optim.schedule=linear", "optim.schedule='linear': expected one of"),
+    ("ema_decay=1.5", "ema_decay=1.5"),
+]
+
+
+@pytest.mark.parametrize("override, named", BAD_VALUES)
+def test_stage_bad_values(override, named, capsys, no_ray):
+    assert main(["train", "--stage", "pt", f"data.shards={REPO}", override]) == 2
+    assert named in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("override, named", [
+    ("name=5", None),  # accepted: a number where a string is expected is its text
+    ("stages=[]", "stages=[]: expected a non-empty list"),
+    ("stage_overrides={pt: 3}", "stage_overrides.pt=3: expected a list"),
+])
+def test_pipeline_bad_values(override, named, capsys, no_ray, monkeypatch):
+    import pipelines.trainer
+
+    ran = []
+    monkeypatch.setattr(pipelines.trainer, "run_stage", lambda *a, **k: ran.append(a))
+    code = main(["pipeline", "--config", "configs/pipelines/default.yaml", override])
+    if named is None:
+        capsys.readouterr()
+        return
+    assert code == 2 and named in one_error_line(capsys) and not ran
+
+
+@pytest.mark.parametrize("override, named", [
+    ("encode.vae_actors=two", "encode.vae_actors='two': expected a positive integer"),
+    ("encode.num_gpus=some", "encode.num_gpus='some': expected one of ['auto'] or a non-negative number"),
+    ("filters.min_script_fraction=2", "filters.min_script_fraction=2"),
+    ("sources=[{kind: ftp, name: x}]", "sources.0.kind='ftp'"),
+    ("output.store_pixels=maybe", "output.store_pixels='maybe': expected true or false"),
+])
+def test_curation_bad_values(override, named, capsys, no_ray):
+    assert main(["curate", "--config", CURATION, override]) == 2
+    assert named in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("override, named", [
+    ("optim.lr=abc", "optim.lr='abc': expected a positive number"),
+    ("rollout.group_size=two", "rollout.group_size='two'"),
+    ("rollout.kv_cache=perhaps", "rollout.kv_cache='perhaps': expected true or false"),
+    ("grpo.clip_range=2", "grpo.clip_range=2: expected a number in (0, 1), or null"),
+    ("policy.device=tpu", "policy.device='tpu': expected auto, cpu or cuda[:N]"),
+    ("reward.ocr.threads=0", "reward.ocr.threads=0"),
+    ("reward.weights={ocr: abc}", "reward.weights.ocr='abc'"),
+])
+def test_rl_bad_values(override, named, capsys, no_ray):
+    assert main(["rl", "--config", "configs/rl/grpo_ocr.yaml", override]) == 2
+    assert named in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("override, named", [
+    ("num_samples=lots", "num_samples='lots': expected a positive integer"),
+    ("metric=loss", "metric='loss': expected one of"),
+    ("search_space={optim.lr: {normal: [1, 2]}}", "search_space.optim.lr="),
+    ("search_space={optim.lr: {choice: [abc]}}", "optim.lr='abc': expected a positive number"),
+    ("overrides=[rollout.steps=x]", "rollout.steps='x'"),
+])
+def test_rl_tune_bad_values(override, named, capsys, no_ray):
+    assert main(["rl-tune", "--config", "configs/rl/tune_ocr.yaml", override]) == 2
+    assert named in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("override, named", [
+    ("pt.optim.lr=abc", "pt.optim.lr='abc'"),
+    ("pt.stepz=3", "pt.stepz=3: unknown StageConfig field"),
+    ("ct.data.max_tokens=lots", "ct.data.max_tokens='lots'"),
+    ("sft.scaling.num_workers=two", "sft.scaling.num_workers='two'"),
+    ("sft.model.overrides.nonsense=1", "sft.model.overrides.nonsense=1"),
+    ("curate.encode.vit_actors=x", "curate.encode.vit_actors='x'"),
+    ("rl.rollout.group_size=1", "rl.rollout.group_size=1"),
+    ("pt.optim.min_lr=1", "pt.optim.min_lr=1.0: expected between 0 and optim.lr"),  # a cross-field rule
+])
+def test_demo_bad_values_name_the_stage(override, named, capsys, tmp_path, no_ray):
+    assert main(["demo", "--workdir", str(tmp_path / "demo"), override]) == 2
+    assert named in one_error_line(capsys)
+    assert not (tmp_path / "demo").exists()
+
+
+class Reached(Exception):
+    """Raised by a stubbed stage with the config it was given (the command got past config loading)."""
+
+
+def test_lr_written_1e_4_is_a_float(monkeypatch):
+    import pipelines.trainer
+    import rl.trainer
+
+    def reached(cfg, *args, **kwargs):
+        raise Reached(cfg)
+
+    monkeypatch.setattr(pipelines.trainer, "run_stage", reached)
+    monkeypatch.setattr(rl.trainer, "train_grpo", reached)
+    with pytest.raises(Reached) as stage:
+        main(["train", "--stage", "pt", f"data.shards={REPO}", "optim.lr=1e-4", "optim.min_lr=0"])
+    with pytest.raises(Reached) as grpo:
+        main(["rl", "--config", "configs/rl/grpo_ocr.yaml", "optim.lr=1e-4"])
+    for cfg in (stage.value.args[0], grpo.value.args[0]):
+        assert cfg.optim.lr == 0.0001 and isinstance(cfg.optim.lr, float)
+
+
+def test_a_plain_value_error_keeps_its_traceback(monkeypatch, capsys):
+    import data_curation.pipeline
+
+    def bug(*args, **kwargs):
+        raise ValueError("a bug, not a user mistake")
+
+    monkeypatch.setattr(data_curation.pipeline, "run_curation", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["curate", "--config", CURATION])
+    assert "lance-pipeline: error" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["curat"], ["generate", "--help"]])
+def test_parsing_imports_no_heavy_library(argv):
+    code = ("import sys\nfrom jobs.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'transformers') if m in sys.modules))" % argv)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_generate_task_choices_match_the_model():
+    from jobs.generate import TASK_CHOICES
+    from lance_model.generation import TASK_ALIASES, TEXT_TASKS, VISUAL_TASKS
+
+    assert TASK_CHOICES == VISUAL_TASKS + TEXT_TASKS + tuple(TASK_ALIASES)
