@@ -139,8 +139,6 @@ class StageConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     log_every: PositiveInt = 1
-    # Fault injection for resilience drills: the worker of rank 0 raises once at this step.
-    fail_once_at_step: Int = -1
 
     def validate(self, require_shards: bool = True) -> StageConfig:
         """Cross-field rules and paths (types and ranges are checked when the config is loaded)."""
