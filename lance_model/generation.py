@@ -25,7 +25,6 @@ Pixels come in as float frames [T, 3, H, W] in [0, 1]; reading/writing files is 
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -98,6 +97,8 @@ class TextOptions:
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
+    ignore_eos: bool = False  # keep decoding past <|im_end|> to max_new_tokens (fixed-length benchmarks)
+    cuda_graph: bool = True  # greedy decoding on CUDA replays one captured graph per token
 
     def validate(self) -> TextOptions:
         if self.max_new_tokens < 1:
@@ -128,8 +129,9 @@ class Request:
 class LatentResult:
     latents: torch.Tensor  # [P, C, T, h, w] float32
     timesteps: torch.Tensor  # [steps + 1]
-    log_probs: torch.Tensor | None = None  # [P, steps] (SDE only)
+    log_probs: torch.Tensor | None = None  # [P, steps] (0 at ODE steps; None when no step had noise)
     trajectory: list[torch.Tensor] | None = None  # x before each step and the final x, each [P, N, C]
+    noise_steps: list[int] = field(default_factory=list)  # the steps that got SDE noise
 
 
 @dataclass
@@ -187,42 +189,141 @@ def validate_request(req: Request, config: LanceConfig) -> None:
 
 
 # ================================================================================= KV cache
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Unmasked attention of q [Lq, Hq, D] over k/v [Lk, Hkv, D] (GQA) -> [Lq, Hq, D]."""
-    if q.is_cuda and k.shape[1] != q.shape[1]:
-        # Repeating the KV heads keeps every fused SDPA kernel eligible (not all take `enable_gqa`).
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                         enable_gqa=k.shape[1] != q.shape[1])
-    return out[0].transpose(0, 1)
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked attention of q [R, Hq, Lq, D] over k/v [R, Hkv, Lk, D] -> [R, Hq, Lq, D], every row in
+    one call. GQA without repeating the KV heads: the `Hq / Hkv` query heads that share a KV head
+    are folded into the query length (query head h uses KV head h // (Hq / Hkv)). `mask`: bool
+    [R, 1, 1, Lk], True where a key is valid."""
+    rows, hq, lq, d = q.shape
+    hkv = k.shape[1]
+    out = F.scaled_dot_product_attention(q.reshape(rows, hkv, (hq // hkv) * lq, d), k, v, attn_mask=mask)
+    return out.reshape(rows, hq, lq, v.shape[-1])
+
+
+def _rank_in_row(sample: torch.Tensor, rows: int) -> torch.Tensor:
+    """For tokens of a packed batch (sample id of each), the index of each token within its row."""
+    rows_of = sample.long()
+    return (F.one_hot(rows_of, rows).cumsum(0) - 1).gather(1, rows_of[:, None]).squeeze(1)
 
 
 class KVCache:
-    """Post-rotary keys/values of encoded prefixes: per layer, one [L_row, Hkv, D] tensor per row.
+    """The decoding cache: per layer, the post-rotary keys/values of every row in one preallocated
+    buffer [layers, rows, Hkv, capacity, D], written in place (no concatenation, no repeated heads).
 
-    A query of row r attends the row's cached keys plus the new keys of row r passed in (the target
-    split of a denoising step, or the token being decoded); no mask is needed for either."""
+    Row r holds its prefix in slots [0, lengths[r]); each decode step writes the row's new token at
+    slot lengths[r] and then advances the lengths (`attend_decode`, `advance`). Attention masks out
+    the unused slots, so rows of any length share one call."""
 
-    def __init__(self, num_layers: int, num_rows: int) -> None:
-        self.keys: list[list[torch.Tensor | None]] = [[None] * num_rows for _ in range(num_layers)]
-        self.values: list[list[torch.Tensor | None]] = [[None] * num_rows for _ in range(num_layers)]
+    def __init__(self, num_layers: int, lengths: list[int], capacity: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        rows = len(lengths)
+        if max(lengths) > capacity:
+            raise ValueError(f"KV cache capacity {capacity} is smaller than the longest prefix ({max(lengths)})")
+        self.k = torch.zeros(num_layers, rows, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.lengths = torch.tensor(lengths, dtype=torch.long, device=device)
+        self.capacity = capacity
+        self._slots = torch.arange(capacity, device=device)
+        self._rows = torch.arange(rows, device=device)
+        self._prefill_rows: torch.Tensor | None = None
+        self._prefill_slots: torch.Tensor | None = None
+        self._decode_mask = self._mask_upto(self.lengths)
 
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, row_index: list[torch.Tensor]) -> None:
-        for r, idx in enumerate(row_index):
-            self.keys[layer][r], self.values[layer][r] = k[idx], v[idx]
+    def _mask_upto(self, last: torch.Tensor) -> torch.Tensor:
+        """Slots [0, last[r]] valid -> bool [R, 1, 1, capacity]."""
+        return (self._slots[None] <= last[:, None])[:, None, None]
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               row_index: list[torch.Tensor], rows: list[int], append: bool = False) -> torch.Tensor:
-        """q/k/v of the new tokens; `row_index[j]` = their storage indexes belonging to cache row
-        `rows[j]`. `append`: keep the new keys/values (token-by-token decoding)."""
+    def set_prefill_layout(self, sample: torch.Tensor) -> None:
+        """Where each token of a packed prefill goes: row = its sample, slot = its rank in the row."""
+        self._prefill_rows = sample.long()
+        self._prefill_slots = _rank_in_row(sample, len(self.lengths))
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keys/values [L, Hkv, D] of a packed prefill (after `set_prefill_layout`)."""
+        self.k[layer][self._prefill_rows, :, self._prefill_slots] = k.to(self.k.dtype)
+        self.v[layer][self._prefill_rows, :, self._prefill_slots] = v.to(self.v.dtype)
+
+    def attend_decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One new token per row (q [R, Hq, D], k/v [R, Hkv, D]), written at slot lengths[r]."""
+        self.k[layer][self._rows, :, self.lengths] = k.to(self.k.dtype)
+        self.v[layer][self._rows, :, self.lengths] = v.to(self.v.dtype)
+        o = grouped_attention(q[:, :, None].to(self.k.dtype), self.k[layer], self.v[layer], self._decode_mask)
+        return o[:, :, 0].to(q.dtype)
+
+    def restore_lengths(self, lengths: torch.Tensor) -> None:
+        """Set every row's length (e.g. undo warm-up steps), masks included, in place."""
+        self.lengths.copy_(lengths)
+        self._decode_mask.copy_(self._mask_upto(self.lengths))
+
+    def advance(self) -> None:
+        """After a decode step: every row holds one more token (in place, so a captured CUDA graph
+        that calls it keeps working)."""
+        self.lengths += 1
+        self._decode_mask.copy_(self._mask_upto(self.lengths))
+
+
+class TargetKVCache:
+    """The denoising cache: row r's prefix keys/values followed by room for its T target tokens,
+    rows back to back ([layers, sum(len_r + T), Hkv, D]). Every step writes the target keys in
+    place; the first R' rows' keys are then one contiguous range, so all rows attend in ONE varlen
+    call (FlashAttention on CUDA in bf16/fp16, GQA native; a per-row reference elsewhere)."""
+
+    def __init__(self, num_layers: int, lengths: list[int], target: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.lengths, self.target = list(lengths), target
+        self.offsets = [0]
+        for n in self.lengths:
+            self.offsets.append(self.offsets[-1] + n + target)
+        self.k = torch.zeros(num_layers, self.offsets[-1], kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.target_slots = torch.tensor([[o + n + j for j in range(target)] for o, n in zip(self.offsets, self.lengths)],
+                                         dtype=torch.long, device=device).view(len(self.lengths), target)
+        self._prefill_slots: torch.Tensor | None = None
+        self._cu: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self._varlen = None
+        if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+            from .attention import FlashVarlenAttention
+
+            self._varlen = FlashVarlenAttention().varlen_fn
+
+    def set_prefill_layout(self, sample: torch.Tensor) -> None:
+        offsets = torch.tensor(self.offsets[:-1], dtype=torch.long, device=sample.device)
+        self._prefill_slots = offsets[sample.long()] + _rank_in_row(sample, len(self.lengths))
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[layer][self._prefill_slots] = k.to(self.k.dtype)
+        self.v[layer][self._prefill_slots] = v.to(self.v.dtype)
+
+    def _cu_seqlens(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if rows not in self._cu:
+            device = self.k.device
+            cu_q = torch.arange(rows + 1, dtype=torch.int32) * self.target
+            cu_k = torch.tensor(self.offsets[: rows + 1], dtype=torch.int32)
+            self._cu[rows] = (cu_q.to(device), cu_k.to(device), max(self.lengths[:rows]) + self.target)
+        return self._cu[rows]
+
+    def attend_target(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      index: torch.Tensor) -> torch.Tensor:
+        """q/k/v [L, H, D] of packed target splits; `index` [R', T]: storage indexes of row r's T
+        target tokens (rows 0..R'-1). Each row attends its prefix and its own target."""
+        rows, length = index.shape
+        slots = self.target_slots[:rows].reshape(-1)
+        flat = index.reshape(-1)
+        self.k[layer][slots] = k[flat].to(self.k.dtype)
+        self.v[layer][slots] = v[flat].to(self.v.dtype)
+        keys, values = self.k[layer][: self.offsets[rows]], self.v[layer][: self.offsets[rows]]
+        queries = q[flat].to(self.k.dtype)
+        if self._varlen is not None:
+            cu_q, cu_k, max_k = self._cu_seqlens(rows)
+            o = self._varlen(queries, keys, values, cu_q, cu_k, length, max_k, causal=False)
+        else:
+            o = torch.cat([
+                grouped_attention(queries[r * length:(r + 1) * length].transpose(0, 1)[None],
+                                  keys[a:b].transpose(0, 1)[None], values[a:b].transpose(0, 1)[None],
+                                  torch.ones(1, 1, 1, b - a, dtype=torch.bool, device=q.device))[0].transpose(0, 1)
+                for r, (a, b) in enumerate(zip(self.offsets[:rows], self.offsets[1:rows + 1]))])
         out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
-        for idx, r in zip(row_index, rows):
-            kk = torch.cat([self.keys[layer][r], k[idx]])
-            vv = torch.cat([self.values[layer][r], v[idx]])
-            if append:
-                self.keys[layer][r], self.values[layer][r] = kk, vv
-            out.index_copy_(0, idx, _attention(q[idx], kk, vv).to(out.dtype))
+        out[flat] = o.to(out.dtype)
         return out
 
 
@@ -237,17 +338,25 @@ def _last_token_index(batch: PackedBatch, row_index: list[torch.Tensor]) -> torc
     return torch.stack([idx[order[idx].argmax()] for idx in row_index])
 
 
-def prefill(model: Lance, batch: PackedBatch, rows: int) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
-    """Run packed prefixes once (their own Lance mask), caching every layer's k/v per row.
-    Returns (cache, final und hidden states, final gen hidden states)."""
+def prefill(model: Lance, batch: PackedBatch, target: int | None = None, capacity: int | None = None
+            ) -> tuple[KVCache | TargetKVCache, torch.Tensor, torch.Tensor]:
+    """Run packed prefixes once (their own Lance mask), caching every layer's k/v per row: in a
+    `TargetKVCache` with room for `target` tokens per row (denoising), or a `KVCache` of `capacity`
+    slots per row (decoding). Returns (cache, final und hidden states, final gen hidden states)."""
     device = batch.positions.device
     backend = model.attention_backend(device)
     state = backend.prepare(batch.layout)
-    row_index = _row_index(batch, rows)
-    cache = KVCache(model.config.text.num_hidden_layers, rows)
+    text = model.config.text
+    dtype = model.language_model.model.embed_tokens.weight.dtype
+    shape = (text.num_hidden_layers, list(batch.sample_lens))
+    if target is not None:
+        cache = TargetKVCache(*shape, target, text.num_key_value_heads, text.head_dim, dtype, device)
+    else:
+        cache = KVCache(*shape, capacity, text.num_key_value_heads, text.head_dim, dtype, device)
+    cache.set_prefill_layout(batch.layout.sample)
 
     def attend(i, q, k, v):
-        cache.store(i, k, v, row_index)
+        cache.store(i, k, v)
         return backend.attend(q, k, v, state)
 
     token_t = torch.zeros(batch.vae_latents.shape[0], device=device)
@@ -280,13 +389,16 @@ class _Plan:
 
     batch: PackedBatch
     rows: int
-    target: torch.Tensor  # bool [Ng]: gen tokens of the targets (where x goes)
-    row_index: list[torch.Tensor] = field(default_factory=list)  # cached path: storage indexes per row
+    target: torch.Tensor  # long [R * N]: gen-stream indexes of the target latents (where x goes), row-major
+    noisy: torch.Tensor  # float [Ng]: 1 where a token gets the step's timestep
+    row_index: torch.Tensor | None = None  # cached path: long [R, T] storage indexes of each row's target
 
 
 class DenoisingSession:
     """The CFG rows of a batch of prompts with the same task and target size, ready to give guided
-    velocities: `velocity(x [P, N, C], t)`. With `use_cache`, prefixes are encoded once here."""
+    velocities: `velocity(x [P, N, C], t)`. With `use_cache`, prefixes are encoded once here into
+    a static KV cache, and each step runs only the target splits of all rows in one attention call
+    per layer. Nothing in a step waits on the host: indexes are precomputed per row count."""
 
     def __init__(self, model: Lance, builder: SequenceBuilder, samples: list[Sample], options: SamplerOptions,
                  use_cache: bool = True) -> None:
@@ -297,6 +409,7 @@ class DenoisingSession:
         if len(tasks) != 1 or len(shapes) != 1:
             raise ValueError(f"one denoising batch needs one task and one target size; got tasks {sorted(tasks)} "
                              f"and latent shapes {sorted(shapes)}")
+        self.samples = list(samples)
         self.num_prompts = len(samples)
         self.latent_shape = shapes.pop()
         self.channels = model.config.vae.latent_channels
@@ -310,37 +423,38 @@ class DenoisingSession:
         self.rendered = [builder.render(s, drop_caption=b != "cond", drop_condition=b == "uncond_all")
                          for b in self.branches for s in samples]
         self._plans: dict[int, _Plan] = {}
-        self.cache: KVCache | None = None
+        self.cache: TargetKVCache | None = None
         if use_cache:
-            prefixes = [split_at_target(r)[0] for r in self.rendered]
-            batch = pack_rendered(prefixes, model.config).to(self.device)
-            self.cache, _, _ = prefill(model, batch, len(prefixes))
+            split = [split_at_target(r) for r in self.rendered]
+            self._targets = [t for _, t in split]
+            target_len = self._targets[0].positions.shape[1]
+            batch = pack_rendered([p for p, _ in split], model.config).to(self.device)
+            self.cache, _, _ = prefill(model, batch, target=target_len)
 
     def _plan(self, rows: int) -> _Plan:
         if rows not in self._plans:
             if self.use_cache:
-                targets = [split_at_target(r)[1] for r in self.rendered[:rows]]
-                batch = pack_rendered(targets, self.model.config).to(self.device)
-                self._plans[rows] = _Plan(batch, rows, batch.vae_item >= 0, _row_index(batch, rows))
+                batch = pack_rendered(self._targets[:rows], self.model.config).to(self.device)
+                index = torch.stack(_row_index(batch, rows))
             else:
                 batch = pack_rendered(self.rendered[:rows], self.model.config).to(self.device)
-                self._plans[rows] = _Plan(batch, rows, batch.vae_item >= 0)
+                index = None
+            # Target latents in row order (item r = row r), so x [R, N, C] maps onto them directly.
+            target = torch.nonzero(batch.vae_item >= 0).flatten()
+            target = target[torch.argsort(batch.vae_item[target], stable=True)]
+            self._plans[rows] = _Plan(batch, rows, target, batch.vae_noisy.float(), index)
         return self._plans[rows]
 
     def raw_velocity(self, x_rows: torch.Tensor, t: float) -> torch.Tensor:
         """Unguided velocities of rows [R, N, C] (R = P or P * branches) at time t -> [R, N, C] fp32."""
         model, plan = self.model, self._plan(x_rows.shape[0])
         batch = plan.batch
-        latents = batch.vae_latents.float().clone()
-        latents[plan.target] = x_rows.reshape(-1, x_rows.shape[-1]).float()
-        token_t = torch.where(batch.vae_noisy, torch.tensor(float(t), device=self.device),
-                              torch.zeros((), device=self.device))
+        latents = batch.vae_latents.float().index_copy(0, plan.target, x_rows.reshape(-1, x_rows.shape[-1]).float())
+        token_t = plan.noisy * t
         x_und, x_gen = model.embed(batch, latents, token_t)
         if self.use_cache:
-            rows = list(range(plan.rows))
-
             def attend(i, q, k, v):
-                return self.cache.attend(i, q, k, v, plan.row_index, rows)
+                return self.cache.attend_target(i, q, k, v, plan.row_index)
 
             _, h_gen = model.run_decoder(batch.positions, x_und, x_gen, attend)
         else:
@@ -370,43 +484,82 @@ def _clean_frames(sample: Sample) -> tuple[int, torch.Tensor | None]:
     return n, lat.flatten(1).transpose(0, 1).float()
 
 
-def sample_latents(model: Lance, builder: SequenceBuilder, samples: list[Sample], seeds: list[int],
-                   options: SamplerOptions, use_cache: bool = True, progress: bool = False,
-                   return_trajectory: bool = False) -> LatentResult:
-    """Denoise a batch of same-task, same-size samples from seeded noise -> latents [P, C, T, h, w]."""
-    if len(seeds) != len(samples):
-        raise ValueError(f"{len(samples)} samples but {len(seeds)} seeds")
-    session = DenoisingSession(model, builder, samples, options, use_cache)
+def resolve_noise_steps(noise_steps: str | list[int] | None, options: SamplerOptions) -> list[int]:
+    """The steps that get SDE noise: "all" (the SDE sampler), None (the ODE sampler), or a list."""
+    if noise_steps is None:
+        return []
+    steps = list(range(options.num_steps)) if noise_steps == "all" else sorted({int(j) for j in noise_steps})
+    if steps and options.noise_level is None:
+        raise ValueError("SDE steps need options.noise_level (None is the ODE sampler)")
+    if steps and not 0 <= steps[0] <= steps[-1] < options.num_steps:
+        raise ValueError(f"noise_steps={noise_steps}: expected step indexes in [0, {options.num_steps})")
+    return steps
+
+
+def run_sampler(session: DenoisingSession, seeds: list[int], noise_steps: str | list[int] | None = "auto",
+                progress: bool = False, return_trajectory: bool = False) -> LatentResult:
+    """THE sampler loop (generation, validation and RL all run it): denoise from seeded noise with
+    the session's guided velocity; SDE steps at `noise_steps` (log-probs returned for them, 0 at
+    ODE steps), the ODE elsewhere. "auto" = every step when `options.noise_level` is set, else none.
+
+    All noise is drawn up front from one generator per sample on the session's device (a seed gives
+    the same latents on the same device, whatever the batch); the loop itself never waits on the
+    host. The flow update and the log-probs run in float32."""
+    options = session.options
+    if noise_steps == "auto":
+        noise_steps = "all" if options.noise_level is not None else None
+    sde = resolve_noise_steps(noise_steps, options)
+    if len(seeds) != session.num_prompts:
+        raise ValueError(f"{session.num_prompts} samples but {len(seeds)} seeds")
     device, c = session.device, session.channels
     lt, lh, lw = session.latent_shape
     n = lt * lh * lw
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    x = torch.stack([torch.randn(n, c, generator=g) for g in gens]).to(device)
-    update = torch.ones(n, dtype=torch.bool, device=device)
-    for i, s in enumerate(samples):
+    gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    draws = torch.stack([torch.randn(1 + len(sde), n, c, generator=g, device=device) for g in gens])
+    x = draws[:, 0].contiguous()
+    # i2v: the clean first frame(s) stay fixed; only the other tokens are updated.
+    keep = 0
+    for i, s in enumerate(session.samples):
         k, clean = _clean_frames(s)
         if k:
             x[i, : clean.shape[0]] = clean.to(device)
-            update[: clean.shape[0]] = False
+            keep = clean.shape[0]
+    update = torch.arange(keep, n, device=device)
     timesteps = flow_timesteps(options.num_steps, options.shift)
-    log_probs, trajectory = [], [x.clone()] if return_trajectory else None
-    steps = tqdm(range(options.num_steps), desc=f"{samples[0].task} x{len(samples)}", unit="step",
+    noise_of = {j: m + 1 for m, j in enumerate(sde)}
+    log_probs = torch.zeros(len(seeds), options.num_steps, device=device)
+    trajectory = [x.clone()] if return_trajectory else None
+    steps = tqdm(range(options.num_steps), desc=f"{session.samples[0].task} x{len(seeds)}", unit="step",
                  disable=not progress, leave=False)
     for j in steps:
         t, t_next = float(timesteps[j]), float(timesteps[j + 1])
         v = session.velocity(x, t)
-        if options.noise_level is None:
-            x = torch.where(update[None, :, None], euler_step(x, v, t, t_next), x)
+        if keep:
+            x_j, v_j = x.index_select(1, update), v.index_select(1, update)
         else:
-            noise = torch.stack([torch.randn(int(update.sum()), c, generator=g) for g in gens]).to(device)
-            x_upd, logp, _, _ = sde_step(x[:, update], v[:, update], t, t_next, options.noise_level, noise=noise)
-            x = x.clone()
-            x[:, update] = x_upd
-            log_probs.append(logp)
+            x_j, v_j = x, v
+        if j in noise_of:
+            noise = draws[:, noise_of[j]]
+            x_new, logp, _, _ = sde_step(x_j, v_j, t, t_next, options.noise_level,
+                                         noise=noise.index_select(1, update) if keep else noise)
+            log_probs[:, j] = logp
+        else:
+            x_new = euler_step(x_j, v_j, t, t_next)
+        x = x.index_copy(1, update, x_new) if keep else x_new
         if return_trajectory:
             trajectory.append(x.clone())
-    latents = x.view(len(samples), lt, lh, lw, c).permute(0, 4, 1, 2, 3).contiguous()
-    return LatentResult(latents, timesteps, torch.stack(log_probs, 1) if log_probs else None, trajectory)
+    latents = x.view(len(seeds), lt, lh, lw, c).permute(0, 4, 1, 2, 3).contiguous()
+    return LatentResult(latents, timesteps, log_probs if sde else None, trajectory, sde)
+
+
+def sample_latents(model: Lance, builder: SequenceBuilder, samples: list[Sample], seeds: list[int],
+                   options: SamplerOptions, use_cache: bool = True, progress: bool = False,
+                   return_trajectory: bool = False, noise_steps: str | list[int] | None = "auto") -> LatentResult:
+    """Denoise a batch of same-task, same-size samples from seeded noise -> latents [P, C, T, h, w]."""
+    if len(seeds) != len(samples):
+        raise ValueError(f"{len(samples)} samples but {len(seeds)} seeds")
+    session = DenoisingSession(model, builder, samples, options, use_cache)
+    return run_sampler(session, seeds, noise_steps, progress, return_trajectory)
 
 
 # ================================================================================= text
@@ -425,8 +578,65 @@ def _pick_tokens(logits: torch.Tensor, vocab: int, options: TextOptions,
     return [int(torch.multinomial(p, 1, generator=g)) for p, g in zip(probs, generators)]
 
 
-def _decode_attend(cache: KVCache, index: list[torch.Tensor], rows: list[int], layer: int, q, k, v):
-    return cache.attend(layer, q, k, v, index, rows, append=True)
+class GreedyDecoder:
+    """Greedy decoding that stays on the device: one step embeds every row's last token, runs the
+    decoder over the static cache, advances it and writes the argmax into a token buffer, with no
+    host round trip. On CUDA the step is captured once as a CUDA graph and replayed (the launch
+    cost of ~30 kernels per layer is what bounds batch-1 decoding otherwise); elsewhere it runs
+    eagerly. The host looks at the tokens every `check_every` steps to stop early."""
+
+    def __init__(self, model: Lance, cache: KVCache, first: torch.Tensor, next_pos: torch.Tensor, vocab: int,
+                 max_new_tokens: int, graph: bool) -> None:
+        self.model, self.cache, self.vocab = model, cache, vocab
+        rows = first.shape[0]
+        # Two spare columns (and two spare cache slots, see `generate_text`): the graph's warm-up steps.
+        self.tokens = torch.zeros(rows, max_new_tokens + 2, dtype=torch.long, device=first.device)
+        self.tokens[:, 0] = first
+        self.ids = first.clone()
+        self.pos = next_pos.clone()  # position of the token in `ids`
+        self.step_index = torch.ones(1, dtype=torch.long, device=first.device)  # column the next token goes to
+        self._x_gen = model.vae2llm.weight.new_zeros(0, model.config.text.hidden_size)
+        self._graph = None
+        if graph and max_new_tokens > 1:
+            self._capture()
+
+    def _step(self) -> None:
+        lm = self.model.language_model
+        h_und, _ = self.model.run_decoder(self.pos.expand(3, -1), lm.model.embed_tokens(self.ids), self._x_gen,
+                                          self.cache.attend_decode)
+        self.cache.advance()
+        nxt = lm.lm_head(h_und)[:, : self.vocab].argmax(-1)
+        self.ids.copy_(nxt)
+        self.tokens.index_copy_(1, self.step_index, nxt[:, None])
+        self.pos += 1
+        self.step_index += 1
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (the steps' effects are undone), then record one step."""
+        saved = [t.clone() for t in (self.cache.lengths, self.ids, self.pos, self.step_index, self.tokens)]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        for t, s in zip((self.cache.lengths, self.ids, self.pos, self.step_index, self.tokens), saved):
+            t.copy_(s)
+        self.cache.restore_lengths(self.cache.lengths)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._step()
+
+    def run(self, steps: int, stop: int | None, check_every: int = 16) -> torch.Tensor:
+        """Up to `steps` more tokens (each row's first is already in place); returns tokens [R, 1 + made]."""
+        done = 0
+        while done < steps:
+            for _ in range(min(check_every, steps - done)):
+                self._graph.replay() if self._graph is not None else self._step()
+                done += 1
+            if stop is not None and bool((self.tokens[:, : 1 + done] == stop).any(1).all()):
+                break
+        return self.tokens[:, : 1 + done]
 
 
 def _with_answer(rendered: RenderedSample, ids: list[int]) -> RenderedSample:
@@ -438,7 +648,11 @@ def _with_answer(rendered: RenderedSample, ids: list[int]) -> RenderedSample:
 
 def generate_text(model: Lance, builder: SequenceBuilder, samples: list[Sample], options: TextOptions,
                   seeds: list[int] | None = None, use_cache: bool = True) -> list[GeneratedText]:
-    """Answer x2t prompts (rendered through `assistant\\n`); one seeded generator per prompt."""
+    """Answer x2t prompts (rendered through `assistant\\n`); one seeded generator per prompt.
+
+    Cached decoding keeps every row in the batch until the last one stops (fixed shapes: one
+    attention call per layer for all rows over the static cache); tokens after a row's
+    `<|im_end|>` are computed but discarded."""
     options.validate()
     tok: Tokenizer = builder.tok
     vocab, stop = len(tok), tok.special_id(IM_END)
@@ -451,7 +665,6 @@ def generate_text(model: Lance, builder: SequenceBuilder, samples: list[Sample],
     embed = model.language_model.model.embed_tokens
     answers: list[list[int]] = [[] for _ in range(rows)]
     finished = [False] * rows
-    next_pos = [int(r.positions[0, -1]) + 1 for r in rendered]
 
     def full_logits(active: list[int]) -> torch.Tensor:
         batch = pack_rendered([_with_answer(rendered[r], answers[r]) for r in active], model.config).to(device)
@@ -463,33 +676,40 @@ def generate_text(model: Lance, builder: SequenceBuilder, samples: list[Sample],
     cache = None
     if use_cache:
         batch = pack_rendered(rendered, model.config).to(device)
-        cache, h_und, _ = prefill(model, batch, rows)
+        cache, h_und, _ = prefill(model, batch, capacity=max(batch.sample_lens) + options.max_new_tokens + 2)
         logits = lm_head(h_und[_last_token_index(batch, _row_index(batch, rows))])
+        next_pos = torch.tensor([int(r.positions[0, -1]) + 1 for r in rendered], device=device)
+        x_gen = logits.new_zeros(0, embed.embedding_dim)
+        if options.temperature == 0:
+            decoder = GreedyDecoder(model, cache, logits[:, :vocab].argmax(-1), next_pos, vocab,
+                                    options.max_new_tokens, graph=options.cuda_graph and device.type == "cuda")
+            made = decoder.run(options.max_new_tokens - 1, None if options.ignore_eos else stop).tolist()
+            out = []
+            for ids in made:
+                end = ids.index(stop) if stop in ids and not options.ignore_eos else len(ids)
+                out.append(GeneratedText(tok.decode(ids[:end]), ids[:end], end < len(ids)))
+            return out
     else:
         logits = full_logits(list(range(rows)))
     active = list(range(rows))
     for step in range(options.max_new_tokens):
         picked = _pick_tokens(logits, vocab, options, [gens[r] for r in active])
-        still = []
         for r, token in zip(active, picked):
-            if token == stop:
+            if finished[r]:
+                continue  # a stopped row still decodes (static shapes); its tokens are discarded
+            if token == stop and not options.ignore_eos:
                 finished[r] = True
             else:
                 answers[r].append(token)
-                still.append(r)
-        active = still
-        if not active or step == options.max_new_tokens - 1:
+        if all(finished) or step == options.max_new_tokens - 1:
             break
         if not use_cache:
+            active = [r for r in range(rows) if not finished[r]]
             logits = full_logits(active)
             continue
-        ids = torch.tensor([answers[r][-1] for r in active], device=device)
-        pos = torch.tensor([next_pos[r] + len(answers[r]) - 1 for r in active], device=device).expand(3, -1)
-        x_und = embed(ids)
-        x_gen = x_und.new_zeros(0, x_und.shape[1])
-        index = [torch.tensor([j], device=device) for j in range(len(active))]
-        attend = functools.partial(_decode_attend, cache, index, list(active))
-        h_und, _ = model.run_decoder(pos, x_und, x_gen, attend)
+        ids = torch.tensor(picked, device=device)
+        h_und, _ = model.run_decoder((next_pos + step).expand(3, -1), embed(ids), x_gen, cache.attend_decode)
+        cache.advance()
         logits = lm_head(h_und)
     return [GeneratedText(tok.decode(a), a, f) for a, f in zip(answers, finished)]
 

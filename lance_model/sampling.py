@@ -73,32 +73,49 @@ def cfg_velocity(v_cond: torch.Tensor, v_text_uncond: torch.Tensor, v_uncond_all
 
 
 # ------------------------------------------------------------------------------------------ SDE
-def _per_sample(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A scalar or a [B] tensor -> float32 broadcastable against `like` [B, ...]."""
-    value = torch.as_tensor(value, dtype=torch.float32, device=like.device)
+def _per_sample(value: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """A Python number stays one (no host-to-device copy on the sampling loop's hot path); a 0-d or
+    [B] tensor becomes float32 broadcastable against `like` [B, ...]."""
+    if not isinstance(value, torch.Tensor):
+        return float(value)
+    value = value.to(dtype=torch.float32, device=like.device)
     if value.dim() == 0:
         return value
     return value.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _sqrt(x: float | torch.Tensor) -> float | torch.Tensor:
+    return torch.sqrt(x) if isinstance(x, torch.Tensor) else math.sqrt(x)
+
+
+def _log(x: float | torch.Tensor) -> float | torch.Tensor:
+    return torch.log(x) if isinstance(x, torch.Tensor) else math.log(x)
 
 
 def _mean_over_sample(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=tuple(range(1, x.dim()))) if x.dim() > 1 else x
 
 
-def sde_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def _as_std(std: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    return std.to(dtype=torch.float32, device=like.device) if isinstance(std, torch.Tensor) else float(std)
+
+
+def sde_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: float | torch.Tensor) -> torch.Tensor:
     """Gaussian log-density of x_next around `mean` with s.d. `std`, averaged over each sample's
     latent elements -> [B] (float32). `std` broadcasts against the latents."""
-    x_next, mean, std = x_next.float(), mean.float(), torch.as_tensor(std, dtype=torch.float32, device=mean.device)
-    logp = -((x_next - mean) ** 2) / (2 * std ** 2) - torch.log(std) - _HALF_LOG_2PI
+    x_next, mean = x_next.float(), mean.float()
+    std = _as_std(std, mean)
+    logp = -((x_next - mean) ** 2) / (2 * std ** 2) - _log(std) - _HALF_LOG_2PI
     return _mean_over_sample(logp)
 
 
 def sde_step(x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor, sigma_next: float | torch.Tensor,
              noise_level: float = 0.7, noise: torch.Tensor | None = None,
              generator: torch.Generator | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float | torch.Tensor]:
     """One SDE step (RL.md §1) from sigma to sigma_next < sigma. Returns (x_next, log_prob [B],
-    mean, std) in float32, where std = std_t * sqrt(-dt) is the transition's s.d. (broadcastable).
+    mean, std) in float32, where std = std_t * sqrt(-dt) is the transition's s.d. (broadcastable; a
+    Python float when the sigmas are numbers).
 
     std_t = a * sqrt(sigma / (1 - sigma)), with sigma_next in the denominator at sigma = 1;
     mean = x (1 + std_t^2 dt / (2 sigma)) + v (1 + std_t^2 (1 - sigma) / (2 sigma)) dt;
@@ -107,10 +124,13 @@ def sde_step(x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor, sigm
     x, v = x.float(), v.float()
     s, s_next = _per_sample(sigma, x), _per_sample(sigma_next, x)
     dt = s_next - s
-    denom = torch.where(s >= 1.0, 1.0 - s_next, 1.0 - s)
-    std_t = noise_level * torch.sqrt(s / denom)
+    if isinstance(s, torch.Tensor) or isinstance(s_next, torch.Tensor):
+        denom = torch.where(torch.as_tensor(s) >= 1.0, 1.0 - torch.as_tensor(s_next), 1.0 - torch.as_tensor(s))
+    else:
+        denom = 1.0 - s_next if s >= 1.0 else 1.0 - s
+    std_t = noise_level * _sqrt(s / denom)
     mean = x * (1 + std_t ** 2 * dt / (2 * s)) + v * (1 + std_t ** 2 * (1 - s) / (2 * s)) * dt
-    std = std_t * torch.sqrt(-dt)
+    std = std_t * _sqrt(-dt)
     if noise_level == 0:
         return mean, torch.zeros(x.shape[0], device=x.device), mean, std
     if noise is None:
@@ -123,5 +143,5 @@ def sde_step(x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor, sigm
 def kl_to_reference(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """KL between the policy's and the reference's step Gaussians (same s.d.), per sample:
     |mu - mu_ref|^2 / (2 std^2), averaged over the latent elements -> [B] (float32)."""
-    std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
+    std = _as_std(std, mean)
     return _mean_over_sample((mean.float() - mean_ref.float()) ** 2 / (2 * std ** 2))

@@ -1,10 +1,10 @@
 """Rollouts for GRPO: groups of t2i samples from the SDE sampler, with everything the update needs.
 
 A rollout micro-batch keeps the latent before every step and after the last one, the per-step
-log-probabilities and the timesteps (`Trajectories`). The sampling math is `lance_model`'s:
-`DenoisingSession.velocity` (CFG included), `sde_step` / `euler_step`, `sde_log_prob`; this module
-only decides, per step, whether to inject noise (all steps, or a random window for the "fast"
-variant, where the other steps follow the ODE and are not trained).
+log-probabilities and the timesteps (`Trajectories`). The sampler loop is `lance_model`'s
+(`run_sampler`, the one `generate` and validation use); this module only decides which steps get
+noise (all steps, or a random window for the "fast" variant, where the other steps follow the ODE
+and are not trained).
 
 `transition_log_prob` is the single function that scores a stored transition under a model, used
 by the rollout itself and by the update. With the uncached velocity path (`kv_cache: false`) and
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lance_model.generation import DenoisingSession, LanceGenerator, Request, SamplerOptions, sample_latents
+from lance_model.generation import DenoisingSession, LanceGenerator, Request, SamplerOptions, run_sampler, sample_latents
 from lance_model.model import Lance
-from lance_model.sampling import euler_step, flow_timesteps, sde_log_prob, sde_step
+from lance_model.sampling import sde_log_prob, sde_step
 from lance_model.sequence import Sample
 
 
@@ -55,39 +55,6 @@ def transition_log_prob(session: DenoisingSession, x: torch.Tensor, x_next: torc
     return sde_log_prob(x_next, mean, std), mean, std
 
 
-def initial_noise(seeds: list[int], tokens: int, channels: int) -> tuple[torch.Tensor, list[torch.Generator]]:
-    """x at t = 1 from one seeded generator per sample (as `sample_latents` draws it)."""
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    return torch.stack([torch.randn(tokens, channels, generator=g) for g in gens]), gens
-
-
-@torch.no_grad()
-def sde_rollout(session: DenoisingSession, seeds: list[int], options: SamplerOptions,
-                sde_steps: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Denoise from seeded noise; noise is injected at `sde_steps`, the ODE runs elsewhere.
-    Returns (latents [S + 1, P, N, C], log_probs [P, S], timesteps [S + 1])."""
-    lt, lh, lw = session.latent_shape
-    x, gens = initial_noise(seeds, lt * lh * lw, session.channels)
-    x = x.to(session.device)
-    timesteps = flow_timesteps(options.num_steps, options.shift)
-    noisy = set(sde_steps)
-    states, log_probs = [x], []
-    for j in range(options.num_steps):
-        t, t_next = float(timesteps[j]), float(timesteps[j + 1])
-        v = session.velocity(x, t)
-        if j in noisy:
-            noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device)
-            # sde_step's log-prob is sde_log_prob(x_next, mean, std): what transition_log_prob recomputes.
-            x_next, logp, _, _ = sde_step(x, v, t, t_next, options.noise_level, noise=noise)
-        else:
-            x_next = euler_step(x, v, t, t_next)
-            logp = torch.zeros(x.shape[0], device=x.device)
-        states.append(x_next)
-        log_probs.append(logp)
-        x = x_next
-    return torch.stack(states), torch.stack(log_probs, 1), timesteps
-
-
 class RolloutWorker:
     """Samples GRPO groups with its policy; `load_weights` receives the trainer's new weights."""
 
@@ -116,9 +83,11 @@ class RolloutWorker:
         samples = self.samples(prompts)
         with torch.no_grad():
             session = self.session(self.model, samples)
-            latents, log_probs, timesteps = sde_rollout(session, seeds, self.options, sde_steps)
-        return Trajectories(samples, list(prompts), list(seeds), latents.cpu(), log_probs.cpu(), timesteps,
-                            sorted(sde_steps), session.latent_shape)
+            result = run_sampler(session, seeds, noise_steps=sde_steps, return_trajectory=True)
+        log_probs = result.log_probs if result.log_probs is not None else \
+            torch.zeros(len(seeds), self.options.num_steps)
+        return Trajectories(samples, list(prompts), list(seeds), torch.stack(result.trajectory).cpu(),
+                            log_probs.cpu(), result.timesteps, result.noise_steps, session.latent_shape)
 
     def decode(self, latents: torch.Tensor) -> list[np.ndarray]:
         """[P, C, T, h, w] -> RGB uint8 [H, W, 3] per sample (first frame)."""

@@ -222,3 +222,107 @@ def test_requests_are_checked_before_model_work(gen):
 
     with pytest.raises(ValueError, match="frames=6"):
         validate_request(Request("t2v", "a", 32, 32, frames=6), wan)
+
+
+# ------------------------------------------------------------------ static KV cache and the sampler loop
+def _reference_attention(q, k, v):
+    """Per-row attention over concatenated keys with repeated KV heads (the plain reference)."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                                           v.transpose(0, 1)[None])
+    return out[0].transpose(0, 1)
+
+
+def test_static_caches_equal_per_row_concatenation():
+    """The denoising cache (rows packed, targets written in place, one attention call) and the
+    decoding cache (padded rows, one token appended per row) against per-row concatenation."""
+    from lance_model.generation import KVCache, TargetKVCache
+
+    g = torch.Generator().manual_seed(0)
+    hq, hkv, d, lengths, target = 8, 2, 16, [5, 9, 3], 4
+    rows = len(lengths)
+    # A packed prefill in mixed storage order: token i belongs to row sample[i].
+    sample = torch.tensor(sum(([r] * n for r, n in enumerate(lengths)), []))[torch.randperm(sum(lengths), generator=g)]
+    k_pre, v_pre = torch.randn(len(sample), hkv, d, generator=g), torch.randn(len(sample), hkv, d, generator=g)
+    cache = TargetKVCache(1, lengths, target, hkv, d, torch.float32, torch.device("cpu"))
+    cache.set_prefill_layout(sample)
+    cache.store(0, k_pre, v_pre)
+    for used in (rows, 2):  # all rows (CFG on), or only the first ones (CFG off)
+        index = torch.randperm(used * target, generator=g).view(used, target)  # targets interleaved in storage
+        q = torch.randn(used * target, hq, d, generator=g)
+        k, v = torch.randn(used * target, hkv, d, generator=g), torch.randn(used * target, hkv, d, generator=g)
+        out = cache.attend_target(0, q, k, v, index)
+        for r in range(used):
+            mine = sample == r
+            kk, vv = torch.cat([k_pre[mine], k[index[r]]]), torch.cat([v_pre[mine], v[index[r]]])
+            torch.testing.assert_close(out[index[r]], _reference_attention(q[index[r]], kk, vv), atol=1e-5, rtol=1e-5)
+    # Decoding: one token per row appended at the row's own length, twice.
+    dec = KVCache(1, lengths, max(lengths) + 2, hkv, d, torch.float32, torch.device("cpu"))
+    dec.set_prefill_layout(sample)
+    dec.store(0, k_pre, v_pre)
+    keys = [torch.cat([k_pre[sample == r]]) for r in range(rows)]
+    values = [torch.cat([v_pre[sample == r]]) for r in range(rows)]
+    for _ in range(2):
+        qd = torch.randn(rows, hq, d, generator=g)
+        kd, vd = torch.randn(rows, hkv, d, generator=g), torch.randn(rows, hkv, d, generator=g)
+        out = dec.attend_decode(0, qd, kd, vd)
+        dec.advance()
+        for r in range(rows):
+            keys[r], values[r] = torch.cat([keys[r], kd[r:r + 1]]), torch.cat([values[r], vd[r:r + 1]])
+            torch.testing.assert_close(out[r:r + 1], _reference_attention(qd[r:r + 1], keys[r], values[r]),
+                                       atol=1e-5, rtol=1e-5)
+    assert dec.lengths.tolist() == [n + 2 for n in lengths]
+
+
+def _session(gen, prompts, use_cache=True, **options):
+    samples = [gen.prepare(REQUESTS["t2i"](p, 0)) for p in prompts]
+    return DenoisingSession(gen.model, gen.builder, samples, SamplerOptions(**{**FAST, **options}), use_cache)
+
+
+def test_noise_steps_all_is_the_sde_sampler_and_none_is_the_ode_sampler(gen):
+    from lance_model.generation import run_sampler
+    from lance_model.sampling import euler_step, sde_step
+
+    prompts, seeds = ["a red sign", "hello"], [3, 4]
+    with torch.no_grad():
+        sde = _session(gen, prompts, noise_level=0.7)
+        out = run_sampler(sde, seeds, "all", return_trajectory=True)
+        # Reference: the SDE recursion by hand, with the same per-sample draws.
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        n = out.trajectory[0].shape[1]
+        draws = torch.stack([torch.randn(1 + FAST["num_steps"], n, sde.channels, generator=g) for g in gens])
+        x, ts = draws[:, 0], out.timesteps
+        for j in range(FAST["num_steps"]):
+            x, logp, _, _ = sde_step(x, sde.velocity(x, float(ts[j])), float(ts[j]), float(ts[j + 1]), 0.7,
+                                     noise=draws[:, j + 1])
+            torch.testing.assert_close(out.log_probs[:, j], logp)
+        torch.testing.assert_close(out.trajectory[-1], x)
+        assert out.noise_steps == list(range(FAST["num_steps"]))
+        # No noisy step: exactly the ODE sampler (noise_level None), whatever noise_level says.
+        none = run_sampler(_session(gen, prompts, noise_level=0.7), seeds, None)
+        ode = run_sampler(_session(gen, prompts), seeds)
+        torch.testing.assert_close(none.latents, ode.latents, atol=0, rtol=0)
+        assert none.log_probs is None and ode.log_probs is None
+        # Windowed: noise on step 1 only; the others are Euler steps.
+        win = run_sampler(_session(gen, prompts, noise_level=0.7), seeds, [1], return_trajectory=True)
+        x0 = win.trajectory[0]
+        v = sde.velocity(x0, float(ts[0]))
+        torch.testing.assert_close(win.trajectory[1], euler_step(x0, v, float(ts[0]), float(ts[1])))
+        assert (win.log_probs[:, [0, 2, 3]] == 0).all() and (win.log_probs[:, 1] != 0).all()
+    with pytest.raises(ValueError, match="noise_level"):
+        run_sampler(_session(gen, prompts), seeds, "all")
+
+
+def test_sampler_log_probs_equal_the_recomputed_transition_log_probs(gen):
+    from lance_model.generation import run_sampler
+    from lance_model.sampling import sde_log_prob, sde_step
+
+    with torch.no_grad():
+        session = _session(gen, ["a cat", "a dog"], use_cache=False, noise_level=0.7)
+        out = run_sampler(session, [0, 1], "all", return_trajectory=True)
+        for j in range(FAST["num_steps"]):
+            t, t_next = float(out.timesteps[j]), float(out.timesteps[j + 1])
+            x, x_next = out.trajectory[j], out.trajectory[j + 1]
+            _, _, mean, std = sde_step(x, session.velocity(x, t), t, t_next, 0.7, noise=torch.zeros_like(x))
+            torch.testing.assert_close(sde_log_prob(x_next, mean, std), out.log_probs[:, j], atol=1e-5, rtol=1e-5)
