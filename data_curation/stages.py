@@ -364,4 +364,19 @@ class TokenizeStage:
                 if isinstance(text, str):
                     ids[i] = pack_ints(self.tokenizer.encode(text))
             batch[f"{name}_ids"] = ids
-        return batch
+        return nulls_as_none(batch)
+
+
+def nulls_as_none(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Nulls as None again: Ray hands an all-null column back as float NaN, and a batch's NaN column
+    does not concatenate with another batch's string or binary column of the same name."""
+    for name, column in batch.items():
+        if column.dtype.kind == "f" and column.size and np.isnan(column).all():
+            batch[name] = _object_column(len(column))
+        elif column.dtype == object:
+            missing = [i for i, v in enumerate(column) if isinstance(v, float) and math.isnan(v)]
+            if missing:
+                column = column.copy()
+                column[missing] = None
+                batch[name] = column
+    return batch
