@@ -10,6 +10,10 @@ A dead actor (killed, OOM, segfault in native OCR code) surfaces as `RayActorErr
 the pool replaces that actor with a fresh one and re-sends the chunk, up to `max_retries` times
 per chunk; the batch's rewards still arrive, in order. Actors are created with `max_restarts=0`
 so that the replacement is explicit and counted (`restarts`) rather than hidden in Ray.
+
+GPUs: `num_gpus` is reserved only for an engine that can use it (`actor_gpus`): PaddleOCR with a
+GPU `paddle_device`. The RapidOCR engine runs CPU onnxruntime sessions, so a reservation for it
+would hold GPUs that stay idle; it is dropped with a warning.
 """
 from __future__ import annotations
 
@@ -29,6 +33,20 @@ log = logging.getLogger(__name__)
 
 class RewardActorsFailed(RuntimeError):
     """A chunk could not be scored after restarting its actor `max_retries` times."""
+
+
+def actor_gpus(engine: str, ocr: OcrConfig, num_gpus: float) -> float:
+    """The GPUs each reward actor reserves: `num_gpus` when the resolved `engine` runs on a GPU
+    (PaddleOCR with `paddle_device` gpu/cuda), else 0, with a warning when `num_gpus > 0` was asked."""
+    if num_gpus <= 0:
+        return 0.0
+    if engine == "paddleocr" and ocr.paddle_device.lower().startswith(("gpu", "cuda")):
+        return float(num_gpus)
+    where = "runs on the CPU (onnxruntime CPU sessions)" if engine == "rapidocr" else \
+        f"runs on paddle_device={ocr.paddle_device!r}"
+    log.warning("reward.num_gpus=%g ignored: the %s OCR engine %s, so no GPU is reserved for the reward actors",
+                num_gpus, engine, where)
+    return 0.0
 
 
 class OcrRewardActor:
@@ -92,7 +110,8 @@ class PendingRewards:
 
 
 class RewardActorPool:
-    """`num_actors` OCR reward actors, each reserving `num_cpus` CPUs and `num_gpus` GPUs (fractions ok)."""
+    """`num_actors` OCR reward actors, each reserving `num_cpus` CPUs and, for an engine on a GPU,
+    `num_gpus` GPUs (fractions ok; `actor_gpus`)."""
 
     def __init__(self, ocr: OcrConfig, num_actors: int = 2, num_cpus: float = 1.0, num_gpus: float = 0.0,
                  frame_stride: int = 1, max_retries: int = 2) -> None:
@@ -102,7 +121,8 @@ class RewardActorPool:
             raise ValueError(f"reward.num_actors={num_actors}: expected a positive integer")
         self.engine = preflight(ocr)
         self.ocr, self.frame_stride, self.max_retries = ocr, frame_stride, max_retries
-        self._remote = ray.remote(OcrRewardActor).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)
+        self.num_gpus = actor_gpus(self.engine, ocr, num_gpus)
+        self._remote = ray.remote(OcrRewardActor).options(num_cpus=num_cpus, num_gpus=self.num_gpus, max_restarts=0)
         self.actors = [self._start() for _ in range(num_actors)]
         self.restarts = 0
 

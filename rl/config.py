@@ -22,7 +22,9 @@ from lance_model.configio import (
     configclass,
     require,
 )
+from lance_platform.lora import LoraConfig
 
+from .monitors import MonitorConfig
 from .ocr import OcrConfig
 from .rewards import check_weights
 
@@ -91,10 +93,15 @@ class OptimConfig:
 
 @configclass
 class RewardConfig:
+    """The reward actor pool. `num_gpus` is reserved per actor only for an engine that runs on a
+    GPU: PaddleOCR with `ocr.paddle_device: gpu[:N]`. The RapidOCR engine builds CPU onnxruntime
+    sessions, so with it (and with PaddleOCR on the CPU) a `num_gpus > 0` is ignored with a warning
+    and no GPU is reserved (`rl.actors.actor_gpus`)."""
+
     weights: dict[str, float] = field(default_factory=lambda: {"ocr": 1.0})
     num_actors: PositiveInt = 2
     num_cpus: NonNegativeFloat = 1.0  # per actor
-    num_gpus: NonNegativeFloat = 0.0  # per actor (fractions share a GPU)
+    num_gpus: NonNegativeFloat = 0.0  # per actor (fractions share a GPU); only for an OCR engine on a GPU
     max_retries: NonNegativeInt = 2  # re-sends of a chunk whose actor died
     video_frame_stride: PositiveInt = 1
     ocr: OcrConfig = field(default_factory=OcrConfig)
@@ -119,6 +126,11 @@ class RLConfig:
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    # LoRA on the backbone (default targets: the generation expert's attention and MLP projections):
+    # only the adapters train, the reference is the base with adapters disabled, checkpoints hold
+    # the adapters (merge with `rl.trainer.merge_lora_checkpoint`)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    monitors: MonitorConfig = field(default_factory=MonitorConfig)  # reward-hacking monitors and alarms
 
     def validate(self) -> RLConfig:
         """Types and ranges (also of values set in code), then the cross-field rules."""
@@ -129,4 +141,6 @@ class RLConfig:
                 f"a minimum window of at most rollout.steps={r.steps} steps")
         check_weights(self.reward.weights)
         self.reward.ocr.validate()
+        self.lora.validate()
+        self.monitors.validate()
         return self

@@ -29,9 +29,21 @@ unpickled. A run with `resume: true` continues from the newest one that verifies
 one is skipped, named in the log and in the MLflow tag `resume_fallback`) and reopens its MLflow
 run. `policy.checkpoint` may be any Lance directory, a training stage's checkpoint included (it is
 verified first when it has a manifest); its weights start the run, with a fresh optimizer.
+
+With `lora.enabled` the backbone gets LoRA adapters (`lance_platform.lora`, through peft) and only
+they are optimised; the KL reference is the same model with its adapters disabled (no second copy
+of the weights). Its checkpoints are adapter-only: `model.safetensors` holds the adapter tensors,
+`trainer_state.json` records the base (checkpoint path, or preset and seed) and the adapter
+shape; a resumed run checks both. `merge_lora_checkpoint` folds the adapters into the base and
+writes a full checkpoint in the official layout, which `Lance.from_pretrained` loads.
+
+Reward-hacking monitors (`rl.monitors`) add image statistics of the rollouts every iteration and
+the held-out reward and train/held-out gap every `monitors.every` iterations, as `monitor/...`
+metrics; a rule that trips flags (warning + MLflow tag) or stops the run after a checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -45,15 +57,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lance_platform import checkpoint as ckpt
-from lance_platform.config import flatten, to_dict
 from lance_model.generation import SamplerOptions
 from lance_model.model import Lance
+from lance_platform import checkpoint as ckpt
+from lance_platform import lora
+from lance_platform.config import flatten, to_dict
 from lance_platform.tracking import Tracker, default_tracking_uri
 
 from .actors import RewardActorPool
 from .config import PolicyConfig, RLConfig
 from .grpo import group_advantages, kl_penalty, policy_loss, window_steps
+from .monitors import Monitors
 from .ocr import preflight
 from .prompts import load_prompt_file, synthetic_prompts
 from .rewards import RewardBatch, check_prompts, combine_rewards
@@ -164,8 +178,14 @@ class GrpoTrainer:
         self.train_prompts, self.eval_prompts = load_prompts(cfg)
         torch.manual_seed(cfg.seed)
         self.policy = build_policy(cfg.policy, cfg.seed, self.device).eval()
-        self.reference = copy.deepcopy(self.policy).requires_grad_(False) if cfg.grpo.beta > 0 else None
+        self.lora = cfg.lora.enabled
+        if self.lora:  # the reference is the base: the same module with its adapters disabled
+            lora.add_adapters(self.policy, cfg.lora)
+            self.reference = None
+        else:
+            self.reference = copy.deepcopy(self.policy).requires_grad_(False) if cfg.grpo.beta > 0 else None
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.monitors = Monitors(cfg.monitors)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                            weight_decay=o.weight_decay)
@@ -181,14 +201,64 @@ class GrpoTrainer:
 
     # ------------------------------------------------------------------ state
     def restore(self, directory: Path) -> None:
-        """Continue from a verified checkpoint: policy (strict), optimizer by parameter name, step."""
-        state = ckpt.restore(directory, self.policy, self.optimizer)
+        """Continue from a verified checkpoint: policy (strict; the adapters of a LoRA run, whose
+        base and adapter shape must be this run's), optimizer by parameter name, step."""
+        directory = Path(directory)
+        ckpt.verify(directory)
+        saved = ckpt.read_trainer_state(directory).get("lora")
+        if self.lora:
+            if saved is None:
+                raise ckpt.CheckpointError(f"{directory} holds a full policy, but this run trains LoRA adapters "
+                                           "(lora.enabled); use another workdir or resume: false")
+            mine = self.lora_record()
+            diff = sorted(k for k in mine if saved.get(k) != mine[k])
+            if diff:
+                raise ckpt.CheckpointError(f"{directory}: its LoRA {', '.join(diff)} differ from this run's: "
+                                           + "; ".join(f"{k} saved {saved.get(k)!r}, now {mine[k]!r}" for k in diff))
+            lora.load_adapter_state(self.policy, ckpt.read_model_state(directory), str(directory / ckpt.MODEL_FILE))
+            ckpt.load_optimizer_state_by_name(self.policy, self.optimizer, ckpt.read_optimizer_state(directory),
+                                              str(directory / ckpt.OPTIMIZER_JSON))
+            state = ckpt.read_trainer_state(directory)
+        elif saved is not None:
+            raise ckpt.CheckpointError(f"{directory} holds LoRA adapters, but this run trains the full policy; "
+                                       "set lora.enabled (and its settings) or merge it first "
+                                       "(rl.trainer.merge_lora_checkpoint)")
+        else:
+            state = ckpt.restore(directory, self.policy, self.optimizer, verified=True)
         self.step = int(state["step"])
         self.push_weights()
         log.info("resumed GRPO from %s (step %d)", directory, self.step)
 
     def save(self) -> Path:
-        return save_checkpoint(self.workdir, self.step, self.policy, self.optimizer)
+        if not self.lora:
+            return save_checkpoint(self.workdir, self.step, self.policy, self.optimizer)
+        return ckpt.save(self.workdir / CHECKPOINT_DIR / f"step-{self.step:06d}", self.step, config=self.policy.config,
+                         model_state=lora.adapter_state(self.policy),
+                         optimizer_state=ckpt.optimizer_state_by_name(self.policy, self.optimizer),
+                         trainer_state={"lora": self.lora_record()})
+
+    def lora_record(self) -> dict:
+        """What an adapter checkpoint needs to be merged or resumed: the base and the adapter shape."""
+        p, a = self.cfg.policy, self.cfg.lora
+        base = {"checkpoint": str(Path(p.checkpoint).resolve()) if p.checkpoint else None, "weights": p.weights,
+                "preset": None if p.checkpoint else p.preset, "seed": None if p.checkpoint else self.cfg.seed}
+        return {"base": base, "rank": a.rank, "alpha": a.alpha, "targets": list(a.targets)}
+
+    def save_merged(self, directory: str | Path) -> Path:
+        """A full checkpoint of the current policy in the official layout (adapters folded in)."""
+        state = lora.merged_state(self.policy) if self.lora else self.policy.state_dict()
+        return ckpt.save(directory, self.step, config=self.policy.config, model_state=state)
+
+    def reference_mode(self):
+        """Context in which `reference_model` computes the reference policy."""
+        return lora.adapters_disabled(self.policy) if self.lora else contextlib.nullcontext()
+
+    @property
+    def reference_model(self) -> Lance | None:
+        """The KL reference: the frozen copy, the policy itself (LoRA, inside `reference_mode`), or None."""
+        if self.cfg.grpo.beta <= 0:
+            return None
+        return self.policy if self.lora else self.reference
 
     def push_weights(self) -> None:
         """Send the policy's weights to the rollout worker (nothing to copy when it shares the module)."""
@@ -240,42 +310,49 @@ class GrpoTrainer:
         offsets = np.cumsum([0] + [len(t.prompts) for t in trajs])
         rng = random.Random(cfg.seed * 7919 + self.step)
         stats = UpdateStats()
-        for _ in range(g.inner_epochs):
-            for m in rng.sample(range(len(trajs)), len(trajs)):
-                traj = trajs[m]
-                sl = slice(int(offsets[m]), int(offsets[m + 1]))
-                adv, kept = advantages[sl].to(self.device), keep[sl].to(self.device)
-                if not bool(kept.any()):
-                    continue
-                session = self.worker.session(self.policy, traj.samples, use_cache=False)
-                ref_session = self.worker.session(self.reference, traj.samples, use_cache=False) \
-                    if self.reference is not None else None
-                self.optimizer.zero_grad(set_to_none=True)
-                steps = rng.sample(traj.sde_steps, len(traj.sde_steps))
-                for j in steps:
-                    t, t_next = float(traj.timesteps[j]), float(traj.timesteps[j + 1])
-                    x, x_next = traj.latents[j].to(self.device), traj.latents[j + 1].to(self.device)
-                    logp, mean, std = transition_log_prob(session, x, x_next, t, t_next, noise)
-                    old = traj.log_probs[:, j].to(self.device)
-                    pg, ls = policy_loss(logp[kept], old[kept], adv[kept], clip_range)
-                    kl = torch.zeros((), device=self.device)
-                    if ref_session is not None:
-                        with torch.no_grad():
-                            _, mean_ref, _ = transition_log_prob(ref_session, x, x_next, t, t_next, noise)
-                        kl = kl_penalty(mean[kept], mean_ref[kept], std)
-                    loss = pg + g.beta * kl
-                    (loss / len(steps)).backward()
-                    if stats.optimizer_steps == 0:
-                        stats.first_ratio_max_dev = max(stats.first_ratio_max_dev,
-                                                        max(abs(ls.ratio_min - 1), abs(ls.ratio_max - 1)))
-                    stats.terms.append({"loss": float(loss.detach()), "policy_loss": float(pg.detach()), "kl": float(kl.detach()),
-                                        "clip_frac": ls.clip_frac, "ratio_mean": ls.ratio_mean,
-                                        "ratio_min": ls.ratio_min, "ratio_max": ls.ratio_max})
-                stats.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip))
-                self.optimizer.step()
-                stats.optimizer_steps += 1
-                stats.trained_samples += int(kept.sum())
-                stats.trained_transitions += int(kept.sum()) * len(steps)
+        reference = self.reference_model
+        dropout = lora.lora_dropout_active(self.policy) if self.lora and cfg.lora.dropout > 0 \
+            else contextlib.nullcontext()
+        with dropout:
+            for _ in range(g.inner_epochs):
+                for m in rng.sample(range(len(trajs)), len(trajs)):
+                    traj = trajs[m]
+                    sl = slice(int(offsets[m]), int(offsets[m + 1]))
+                    adv, kept = advantages[sl].to(self.device), keep[sl].to(self.device)
+                    if not bool(kept.any()):
+                        continue
+                    session = self.worker.session(self.policy, traj.samples, use_cache=False)
+                    ref_session = None if reference is None else session if reference is self.policy \
+                        else self.worker.session(reference, traj.samples, use_cache=False)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    steps = rng.sample(traj.sde_steps, len(traj.sde_steps))
+                    for j in steps:
+                        t, t_next = float(traj.timesteps[j]), float(traj.timesteps[j + 1])
+                        x, x_next = traj.latents[j].to(self.device), traj.latents[j + 1].to(self.device)
+                        mean_ref = None
+                        if ref_session is not None:  # first: LoRA's reference toggles the adapters
+                            with torch.no_grad(), self.reference_mode():
+                                _, mean_ref, _ = transition_log_prob(ref_session, x, x_next, t, t_next, noise)
+                        logp, mean, std = transition_log_prob(session, x, x_next, t, t_next, noise)
+                        old = traj.log_probs[:, j].to(self.device)
+                        pg, ls = policy_loss(logp[kept], old[kept], adv[kept], clip_range)
+                        kl = torch.zeros((), device=self.device)
+                        if mean_ref is not None:
+                            kl = kl_penalty(mean[kept], mean_ref[kept], std)
+                        loss = pg + g.beta * kl
+                        (loss / len(steps)).backward()
+                        if stats.optimizer_steps == 0:
+                            stats.first_ratio_max_dev = max(stats.first_ratio_max_dev,
+                                                            max(abs(ls.ratio_min - 1), abs(ls.ratio_max - 1)))
+                        stats.terms.append({"loss": float(loss.detach()), "policy_loss": float(pg.detach()),
+                                            "kl": float(kl.detach()), "clip_frac": ls.clip_frac,
+                                            "ratio_mean": ls.ratio_mean, "ratio_min": ls.ratio_min,
+                                            "ratio_max": ls.ratio_max})
+                    stats.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip))
+                    self.optimizer.step()
+                    stats.optimizer_steps += 1
+                    stats.trained_samples += int(kept.sum())
+                    stats.trained_transitions += int(kept.sum()) * len(steps)
         if stats.terms:
             for key in ("loss", "policy_loss", "kl", "clip_frac", "ratio_mean"):
                 setattr(stats, key, float(np.mean([t[key] for t in stats.terms])))
@@ -312,6 +389,7 @@ class GrpoTrainer:
         for name, values in components.items():
             metrics[f"reward/{name}_mean"] = float(values.mean())
             metrics[f"reward/{name}_std"] = float(values.std())
+        metrics.update(self.monitors.image_metrics(images))
         records = [{"prompt": p, "seed": s, "reward": float(rw), "advantage": float(a), "text": t,
                     **{name: float(v[i]) for name, v in components.items()}}
                    for i, (p, s, rw, a, t) in enumerate(zip(prompts, seeds, total, advantages, scored.texts))]
@@ -347,6 +425,7 @@ class RLResult:
     # held-out metrics of the starting policy (logged at step 0), to compare with the final ones in
     # `metrics`; empty when the run resumed past step 0 or has no held-out prompts
     initial: dict[str, float] = field(default_factory=dict)
+    stopped: str | None = None  # why a monitor rule with `action: stop` ended the run early
 
 
 def _open_tracker(cfg: RLConfig, workdir: Path, parent_run_id: str | None) -> Tracker | None:
@@ -381,6 +460,7 @@ def train_grpo(cfg: RLConfig, parent_run_id: str | None = None,
     initial: dict[str, float] = {}
     checkpoint = None
     finished = False
+    stopped: str | None = None
 
     def finish() -> None:
         """End the MLflow run and free the reward actors. Runs *before* the last `report()`: Ray Tune
@@ -415,12 +495,21 @@ def train_grpo(cfg: RLConfig, parent_run_id: str | None = None,
         while trainer.step < cfg.steps:
             metrics, images, records = trainer.iteration()
             step = trainer.step
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0) or \
+                    (trainer.eval_prompts and trainer.monitors.wants_heldout(step)):
                 metrics.update(trainer.evaluate())
-            if step == cfg.steps:
-                metrics.update(trainer.evaluate())
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                metrics.update(trainer.monitors.heldout_metrics(metrics))
+            alarms = trainer.monitors.check(step, metrics)
+            for alarm in alarms:
+                log.warning("%s", alarm.message)
+            stop = next((a for a in alarms if a.rule.action == "stop"), None)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop is not None:
                 checkpoint = trainer.save()
+            if stop is not None:
+                stopped = f"{stop.message}: run stopped at step {step} of {cfg.steps}, checkpoint {checkpoint}"
+                log.error("GRPO %s", stopped)
+            if alarms and tracker is not None:
+                tracker.set_tags({a.tag: a.message for a in alarms} | ({"monitor_stop": stopped} if stopped else {}))
             log.info("GRPO step %d/%d: %s", step, cfg.steps,
                      ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in _SHOWN))
             history.append(metrics)
@@ -431,12 +520,14 @@ def train_grpo(cfg: RLConfig, parent_run_id: str | None = None,
                     _save_png(grid, image_grid(images, cfg.rollout.group_size))
                     tracker.log_artifact(grid, "samples")
                     tracker.log_dict(records, f"samples/step-{step:06d}.json")
-            if step == cfg.steps:
+            if step == cfg.steps or stopped:
                 finish()
             if report is not None:
                 # A trial that Tune stops early (ASHA) never returns from here; the sweep driver
                 # ends its MLflow run as KILLED once the sweep is over.
                 report(metrics)
+            if stopped:
+                break
         if not finished:  # resumed at or past cfg.steps: nothing ran
             finish()
     except BaseException:
@@ -446,7 +537,32 @@ def train_grpo(cfg: RLConfig, parent_run_id: str | None = None,
                 tracker.end("FAILED")
         raise
     return RLResult(trainer.step, history[-1] if history else {}, checkpoint,
-                    tracker.run_id if tracker else None, history, initial)
+                    tracker.run_id if tracker else None, history, initial, stopped)
+
+
+def merge_lora_checkpoint(adapters: str | Path, target: str | Path, device: str = "cpu") -> Path:
+    """Fold the adapters of a LoRA GRPO checkpoint into the base it records and write a full,
+    verified checkpoint in the official layout to `target` (loadable by `Lance.from_pretrained`,
+    usable as `policy.checkpoint` or a stage's init)."""
+    adapters = Path(adapters)
+    ckpt.verify(adapters)
+    state = ckpt.read_trainer_state(adapters)
+    record = state.get("lora")
+    if not isinstance(record, dict) or not isinstance(record.get("base"), dict):
+        raise ckpt.CheckpointError(f"{adapters} is not a LoRA adapter checkpoint (no 'lora' in its trainer state)")
+    base = record["base"]
+    if base.get("checkpoint"):
+        policy_cfg = PolicyConfig(checkpoint=base["checkpoint"], weights=base.get("weights", "auto"), device=device)
+    else:
+        policy_cfg = PolicyConfig(preset=base["preset"], device=device)
+    model = build_policy(policy_cfg, int(base.get("seed") or 0), torch.device(device)).eval()
+    lora.add_adapters(model, lora.LoraConfig(enabled=True, rank=int(record["rank"]), alpha=float(record["alpha"]),
+                                             targets=tuple(record["targets"])))
+    lora.load_adapter_state(model, ckpt.read_model_state(adapters), str(adapters / ckpt.MODEL_FILE))
+    out = ckpt.save(target, int(state["step"]), config=model.config, model_state=lora.merged_state(model),
+                    trainer_state={"merged_from": str(adapters.resolve())})
+    log.info("merged the LoRA adapters of %s into %s", adapters, out)
+    return out
 
 
 _SHOWN = ("reward_mean", "reward_std", "groups_skipped", "optimizer_steps", "kl", "clip_frac", "eval/ocr_accuracy",
