@@ -254,11 +254,12 @@ class FlashVarlenAttention(AttentionBackend):
 
 
 def torch_flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-                       max_q: int, max_k: int, causal: bool = False) -> torch.Tensor:
+                       max_q: int, max_k: int, causal: bool = False, scale: float | None = None) -> torch.Tensor:
     """`flash_attn_varlen_func`-compatible call on PyTorch's bundled FlashAttention-2 kernels
     (CUDA, fp16/bf16, differentiable; GQA native; a causal mask is aligned bottom-right, as in
-    flash-attn >= 2.1, which the split-wise plan relies on)."""
-    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False)[0]
+    flash-attn >= 2.1, which the split-wise plan relies on). `scale` defaults to 1/sqrt(head_dim)."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False,
+                                                   scale=scale)[0]
 
 
 def flash_available() -> bool:
