@@ -72,17 +72,36 @@ def ocr_available() -> bool:
 
 @configclass
 class SyntheticSpec:
-    """How many rendered items of each kind a `synthetic` source generates (deterministic per seed)."""
+    """How many rendered items of each kind a `synthetic` source generates (deterministic per seed),
+    and from which words (`data_curation.synthetic`). The defaults are the small demo corpus: the
+    built-in word list, the default font, plain backgrounds."""
 
     images: NonNegativeInt = 8          # t2i: rendered-text image, caption names the text
     videos: NonNegativeInt = 2          # t2v: moving text + shape
     edits: NonNegativeInt = 2           # i2i: "change the text to X"
-    qa: NonNegativeInt = 2              # i2t: "what does the sign say?"
+    qa: NonNegativeInt = 2              # i2t: `question` about the image, answer = its text
     height: PositiveInt = 64
     width: PositiveInt = 96
     video_seconds: PositiveFloat = 1.0
     video_fps: PositiveInt = 12
     seed: Int = 0
+    # 0: the built-in word list; N: N generated pronounceable words, the last `heldout` of them
+    # never in the `train` split (the `heldout` split is exactly those words, each once per cycle)
+    vocabulary: Annotated[int, Strict(), Field(ge=0, le=100_000)] = 0
+    heldout: NonNegativeInt = 0
+    split: Literal["train", "heldout"] = "train"
+    phrase_fraction: Fraction = 0.0     # train items that are two-word phrases (two lines)
+    # generated vocabulary only: `system` = the DejaVu TTFs on the machine plus Pillow's default font
+    fonts: Literal["default", "system"] = "default"
+    backgrounds: Annotated[tuple[Literal["plain", "gradient", "noise"], ...], Field(min_length=1)] = ("plain",)
+    min_text_scale: Annotated[float, Field(gt=0, le=1)] = 1.0   # glyphs shrunk by a factor in [this, 1]
+    question: NonEmptyStr = "What does the sign say?"
+
+    def validate(self, prefix: str) -> None:
+        require(self.heldout == 0 or self.heldout < self.vocabulary, f"{prefix}.heldout", self.heldout,
+                f"fewer held-out words than vocabulary={self.vocabulary} (0 when no vocabulary is generated)")
+        require(self.split == "train" or self.heldout > 0, f"{prefix}.split", self.split,
+                "'train' unless heldout > 0 (the held-out split is the held-out words)")
 
 
 @configclass
@@ -106,6 +125,7 @@ class SourceConfig:
 
     def validate(self, prefix: str) -> None:
         """Cross-field rules (types and ranges are checked when the config is loaded)."""
+        self.synthetic.validate(f"{prefix}.synthetic")
         if self.kind != "synthetic":
             require(bool(self.uri), f"{prefix}.uri", self.uri, f"a path or URI for a {self.kind} source")
         if self.kind == "parquet":

@@ -1,12 +1,26 @@
-"""Synthetic corpora for demos and tests: rendered text, so success is checkable (OCR can read the
-text back), nothing is downloaded, and everything is deterministic for a seed.
+"""Synthetic corpora for demos, tests and the text-rendering recipe: rendered text, so success is
+checkable (OCR can read the text back), nothing is downloaded, and everything is deterministic for
+a seed.
 
 - images of a word with the word as caption (t2i), short MP4s of a sliding word and a falling square
   (t2v), edit pairs "change the text to X" (i2i) and question/answer pairs about a sign (i2t):
   `synthetic_specs` + `render_item` feed the `synthetic` curation source with real PNG/MP4 bytes.
+- By default (`SyntheticSpec.vocabulary: 0`) the words cycle through the small built-in `WORDS`
+  and every image is the default font, centred, on a plain background (the demo and the tests).
+- With `vocabulary: N` the words come from `generated_vocabulary`: N distinct pronounceable words
+  built from the syllable tables below (no word list is downloaded). The last `heldout` of them
+  form the held-out split that the `train` split never contains (`vocabulary_split`), so a
+  held-out evaluation measures rendering and reading of unseen words. `phrase_fraction` of the
+  train items are two-word phrases (rendered on two lines). `fonts: system` draws each item's font
+  from the DejaVu TTFs on the machine plus Pillow's default (a machine without them falls back to
+  the default font and logs so), `backgrounds` picks plain / gradient / noise, `min_text_scale`
+  shrinks the glyphs by a random factor, and colours are random with a minimum contrast.
 """
 from __future__ import annotations
 
+import functools
+import glob
+import logging
 import random
 
 import numpy as np
@@ -14,9 +28,53 @@ from PIL import Image, ImageDraw, ImageFont
 
 from data_curation.media import Fetched, encode_image, encode_video
 
+log = logging.getLogger(__name__)
+
 WORDS = ("OPEN", "STOP", "EXIT", "SALE", "CAFE", "GO", "HELLO", "LANCE", "RAY", "DATA", "PARK", "TAXI")
 
+# Syllable tables of the generated vocabulary: onset + vowel + optional coda, two syllables a word
+# (4 to 6 capital letters; 16 * 5 * 8 = 640 syllables, so ~400,000 possible words).
+ONSETS = ("B", "D", "F", "G", "H", "K", "L", "M", "N", "P", "R", "S", "T", "V", "W", "Z")
+VOWELS = ("A", "E", "I", "O", "U")
+CODAS = ("", "K", "L", "M", "N", "R", "S", "T")
+FONT_GLOB = "/usr/share/fonts/**/DejaVu*.ttf"
+# Faces too thin or symbol-only to be read reliably at small sizes.
+_SKIPPED_FONTS = ("ExtraLight", "MathTeX")
+DEFAULT_FONT = "default"  # Pillow's built-in scalable font
+MIN_CONTRAST = 110  # minimum |luma(text) - luma(background)|, 0-255
 
+
+# ---------------------------------------------------------------------------------------- vocabulary
+@functools.lru_cache(maxsize=8)
+def generated_vocabulary(size: int, seed: int = 0) -> tuple[str, ...]:
+    """`size` distinct two-syllable words, in a deterministic order for `seed`."""
+    syllables = [o + v + c for o in ONSETS for v in VOWELS for c in CODAS]
+    if size > len(syllables) ** 2:
+        raise ValueError(f"vocabulary={size}: at most {len(syllables) ** 2} words can be generated")
+    rng = random.Random(f"vocabulary-{seed}")
+    words: dict[str, None] = {}
+    while len(words) < size:
+        words.setdefault(rng.choice(syllables) + rng.choice(syllables))
+    return tuple(words)
+
+
+def vocabulary_split(size: int, heldout: int, seed: int = 0) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(train words, held-out words): the last `heldout` words of the vocabulary are held out."""
+    if not 0 <= heldout < size:
+        raise ValueError(f"heldout={heldout}: expected 0 <= heldout < vocabulary={size} (training needs words)")
+    words = generated_vocabulary(size, seed)
+    return words[:size - heldout], words[size - heldout:]
+
+
+def split_words(spec) -> tuple[str, ...]:
+    """The words the spec's `split` draws from (the built-in WORDS when no vocabulary is generated)."""
+    if not spec.vocabulary:
+        return WORDS
+    train, held = vocabulary_split(spec.vocabulary, spec.heldout, spec.seed)
+    return held if spec.split == "heldout" else train
+
+
+# ---------------------------------------------------------------------------------------- rendering
 def render_text_image(text: str, height: int, width: int, seed: int = 0) -> np.ndarray:
     """An RGB uint8 [H, W, 3] image: `text` in a contrasting colour, centred on a plain background."""
     rng = random.Random(seed)
@@ -31,6 +89,77 @@ def render_text_image(text: str, height: int, width: int, seed: int = 0) -> np.n
     y = (height - (bottom - top)) // 2 - top
     draw.text((x, y), text, fill=fg, font=font)
     return np.asarray(img)
+
+
+@functools.lru_cache(maxsize=1)
+def system_fonts() -> tuple[str, ...]:
+    """Pillow's default font plus the DejaVu TTFs found on this machine (sorted, so every process
+    of a run draws the same font for an item)."""
+    found = sorted(p for p in glob.glob(FONT_GLOB, recursive=True) if not any(s in p for s in _SKIPPED_FONTS))
+    if not found:
+        log.warning("no DejaVu TTF fonts under /usr/share/fonts: synthetic text uses Pillow's default font only")
+    return (DEFAULT_FONT, *found)
+
+
+def _font(name: str, size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size) if name == DEFAULT_FONT else ImageFont.truetype(name, size)
+
+
+def _luma(rgb: tuple[int, int, int]) -> float:
+    return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+
+
+def contrasting_colours(rng: random.Random) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(background, text) colours whose luma differs by at least MIN_CONTRAST."""
+    while True:
+        bg = tuple(rng.randint(0, 255) for _ in range(3))
+        fg = tuple(rng.randint(0, 255) for _ in range(3))
+        if abs(_luma(bg) - _luma(fg)) >= MIN_CONTRAST:
+            return bg, fg
+
+
+def background(kind: str, bg: tuple[int, int, int], height: int, width: int, rng: random.Random) -> np.ndarray:
+    """A float [H, W, 3] background around colour `bg`: plain, a linear gradient (up to +-40 per
+    channel along a random direction) or Gaussian noise (sigma 12), clipped to [0, 255]."""
+    base = np.broadcast_to(np.asarray(bg, dtype=np.float32), (height, width, 3)).copy()
+    if kind == "gradient":
+        angle = rng.uniform(0, 2 * np.pi)
+        yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+        ramp = (np.cos(angle) * (xx / max(width - 1, 1) - 0.5) + np.sin(angle) * (yy / max(height - 1, 1) - 0.5))
+        delta = np.asarray([rng.uniform(-80, 80) for _ in range(3)], dtype=np.float32)
+        base += ramp[..., None] * delta
+    elif kind == "noise":
+        base += np.random.default_rng(rng.getrandbits(32)).normal(0.0, 12.0, base.shape).astype(np.float32)
+    elif kind != "plain":
+        raise ValueError(f"background={kind!r}: expected plain, gradient or noise")
+    return np.clip(base, 0, 255)
+
+
+def render_styled_text(text: str, height: int, width: int, seed: int, fonts: tuple[str, ...],
+                       backgrounds: tuple[str, ...], min_scale: float) -> np.ndarray:
+    """RGB uint8 [H, W, 3]: `text` (a space starts a new line) in a font of `fonts`, fitted to ~90%
+    of the width and ~80% of the height, shrunk by a random factor in [min_scale, 1], placed at a
+    random offset inside the image, in a colour contrasting with a background of `backgrounds`."""
+    rng = random.Random(seed)
+    font_name = rng.choice(fonts)
+    kind = rng.choice(backgrounds)
+    bg, fg = contrasting_colours(rng)
+    scale = rng.uniform(min_scale, 1.0)
+    lines = "\n".join(text.split())
+    probe_size = 64
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left, top, right, bottom = probe.multiline_textbbox((0, 0), lines, font=_font(font_name, probe_size),
+                                                        align="center")
+    fit = min(0.9 * width / max(right - left, 1), 0.8 * height / max(bottom - top, 1))
+    font = _font(font_name, max(6, int(probe_size * fit * scale)))
+    canvas = Image.fromarray(background(kind, bg, height, width, rng).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    left, top, right, bottom = draw.multiline_textbbox((0, 0), lines, font=font, align="center")
+    slack_x, slack_y = max(width - (right - left), 0), max(height - (bottom - top), 0)
+    x = int(rng.uniform(0.25, 0.75) * slack_x) - left
+    y = int(rng.uniform(0.25, 0.75) * slack_y) - top
+    draw.multiline_text((x, y), lines, fill=fg, font=font, align="center")
+    return np.asarray(canvas)
 
 
 def text_image_records(n: int, height: int, width: int, seed: int = 0) -> list[dict]:
@@ -80,37 +209,64 @@ def edit_caption(word: str) -> str:
     return f'change the text to "{word}"'
 
 
+def _vocabulary_text(words: tuple[str, ...], rng: random.Random, spec, position: int) -> str:
+    """One item's text from a generated vocabulary: the held-out split cycles through its words in
+    order (each once per cycle); the train split draws words, and two-word phrases with
+    probability `phrase_fraction`."""
+    if spec.split == "heldout":
+        return words[position % len(words)]
+    if rng.random() < spec.phrase_fraction:
+        return f"{rng.choice(words)} {rng.choice(words)}"
+    return rng.choice(words)
+
+
 def synthetic_specs(spec) -> list[dict]:
-    """The items a `SyntheticSpec` describes: distinct words per kind (cycling through WORDS)."""
+    """The items a `SyntheticSpec` describes: distinct words per kind (cycling through WORDS), or
+    words and phrases of the spec's split of a generated vocabulary."""
+    words = split_words(spec)
     items = []
     counts = (("image", "t2i", spec.images), ("video", "t2v", spec.videos), ("edit", "i2i", spec.edits),
               ("qa", "i2t", spec.qa))
     for k, (kind, task, n) in enumerate(counts):
+        rng = random.Random(f"{spec.seed}-{spec.split}-{kind}")
         for i in range(n):
-            word = WORDS[(spec.seed + 3 * k + i) % len(WORDS)]
-            items.append({"kind": kind, "task": task, "index": i, "word": word,
-                          "other": WORDS[(spec.seed + 3 * k + i + 5) % len(WORDS)],
-                          "seed": spec.seed * 100003 + k * 1009 + i})
+            seed = spec.seed * 100003 + k * 1009 + i
+            if spec.vocabulary:
+                word, other = _vocabulary_text(words, rng, spec, i), _vocabulary_text(words, rng, spec, i + 1)
+                seed = (seed * 7 + 3) if spec.split == "heldout" else seed
+            else:
+                word = WORDS[(spec.seed + 3 * k + i) % len(WORDS)]
+                other = WORDS[(spec.seed + 3 * k + i + 5) % len(WORDS)]
+            items.append({"kind": kind, "task": task, "index": i, "word": word, "other": other, "seed": seed})
     return items
+
+
+def _render_image(spec: dict, text: str, seed: int) -> np.ndarray:
+    h, w = spec["height"], spec["width"]
+    if not spec.get("vocabulary"):
+        return render_text_image(text, h, w, seed)
+    fonts = system_fonts() if spec.get("fonts") == "system" else (DEFAULT_FONT,)
+    return render_styled_text(text, h, w, seed, fonts, tuple(spec["backgrounds"]), spec["min_text_scale"])
 
 
 def render_item(spec: dict, item: dict):
     """One synthetic item -> `Fetched` (real PNG / MP4 bytes, so the pipeline decodes as for files)."""
     h, w, word, seed = spec["height"], spec["width"], item["word"], item["seed"]
     kind = item["kind"]
+    question = spec.get("question", QUESTION)
     text: dict[str, bytes | None] = {"caption": None, "question": None, "answer": None}
     if kind == "video":
         frames = render_moving_video(word, h, w, max(1, round(spec["video_seconds"] * spec["video_fps"])), seed)
         media = {"target": (encode_video(frames, spec["video_fps"]), "video")}
         text["caption"] = video_caption(word).encode()
     elif kind == "edit":
-        media = {"source": (encode_image(render_text_image(word, h, w, seed)), "image"),
-                 "target": (encode_image(render_text_image(item["other"], h, w, seed)), "image")}
+        media = {"source": (encode_image(_render_image(spec, word, seed)), "image"),
+                 "target": (encode_image(_render_image(spec, item["other"], seed)), "image")}
         text["caption"] = edit_caption(item["other"]).encode()
     elif kind == "qa":
-        media = {"source": (encode_image(render_text_image(word, h, w, seed)), "image")}
-        text.update(caption=image_caption(word).encode(), question=QUESTION.encode(), answer=word.encode())
+        media = {"source": (encode_image(_render_image(spec, word, seed)), "image")}
+        text.update(caption=image_caption(word).encode(), question=question.encode(), answer=word.encode())
     else:
-        media = {"target": (encode_image(render_text_image(word, h, w, seed)), "image")}
+        media = {"target": (encode_image(_render_image(spec, word, seed)), "image")}
         text["caption"] = image_caption(word).encode()
     return Fetched(media, text)
