@@ -29,10 +29,10 @@ from lance_platform.logs import configure_output
 from lance_platform.runtime import RayUnavailableError
 
 # Each command module exposes `register(subparsers)`, which adds its parser and sets `func`.
-COMMAND_MODULES = ("jobs.demo", "jobs.curate", "jobs.train", "jobs.rl", "jobs.generate", "jobs.submit")
+COMMAND_MODULES = ("jobs.demo", "jobs.recipe", "jobs.curate", "jobs.train", "jobs.rl", "jobs.generate", "jobs.submit")
 
 # Commands that run on Ray: their cluster address is checked before any work starts.
-RAY_COMMANDS = ("demo", "curate", "refresh", "train", "pipeline", "rl", "rl-tune")
+RAY_COMMANDS = ("demo", "recipe", "curate", "refresh", "train", "pipeline", "rl", "rl-tune")
 REACH_TIMEOUT_S = 5.0
 
 
