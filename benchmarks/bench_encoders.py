@@ -22,6 +22,16 @@ events around each repetition after warm-up, median of --repeat repetitions.
 
     PYTHONUNBUFFERED=1 python benchmarks/bench_encoders.py --out $OUT
     python benchmarks/bench_encoders.py --smoke          # tiny shapes on CPU, checks the code runs
+
+`--vit-attention` compares the ViT's attention implementations instead: transformers' stock path
+(one SDPA call per window / frame, `STOCK_ATTN`) against ours (one call per layer, `VARLEN_ATTN`),
+same weights and inputs, batched as `VitStage` runs them; it reports both times and the max abs
+difference of the outputs. On a GPU it runs the released tower in bf16 at the ViT cases above; on
+CPU (or with --cpu) a narrower tower in fp32 (CPU_VIT: the released depth 32 and head width 80,
+fewer heads and a narrower MLP, so that a run takes minutes on a few cores) at 448^2, 756^2 and a
+17-frame 252x448 clip:
+
+    python benchmarks/bench_encoders.py --vit-attention --cpu --repeat 3
 """
 from __future__ import annotations
 
@@ -42,7 +52,7 @@ from data_curation.buckets import bucket_size
 from data_curation.config import BucketConfig
 from lance_model.config import VaeConfig, VitConfig
 from lance_model.encoders.vae import build_vae
-from lance_model.encoders.vit import build_vit, encode_vit, vit_patches
+from lance_model.encoders.vit import STOCK_ATTN, VARLEN_ATTN, build_vit, encode_vit, set_vit_attention, vit_patches
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -119,6 +129,72 @@ SMOKE_VIT = {"depth": 2, "hidden_size": 64, "num_heads": 2, "intermediate_size":
              "fullatt_block_indexes": (1,)}
 
 
+# Released depth / full-attention layers / head width (80), 4 heads instead of 16, MLP 4x narrower.
+CPU_VIT = {"hidden_size": 320, "num_heads": 4, "intermediate_size": 855, "out_hidden_size": 512}
+
+
+def vit_attention_cases(args, device: torch.device) -> list[Case]:
+    b = BucketConfig()
+    if device.type == "cuda":
+        return [c for c in default_cases(args) if c.encoder == "vit"]
+    return [Case("vit", "image", *bucket_size("1:1", b.vit_image_area, 28), 1, args.image_batch, "fp32",
+                 "configured ViT image area 448^2"),
+            Case("vit", "image", *bucket_size("1:1", 768 * 768, 28), 1, args.image_batch, "fp32",
+                 "768^2 area, 28-rounded"),
+            Case("vit", "video", *bucket_size("16:9", b.vit_video_area, 28), 17, args.video_batch, "fp32",
+                 "configured ViT video area 336^2, 17 frames")]
+
+
+def run_vit_attention(args, device: torch.device) -> list[dict]:
+    """Stock per-window attention vs one call per layer, per case (same tower, same inputs)."""
+    t_start = time.perf_counter()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    vit_cfg = VitConfig(**({} if device.type == "cuda" else CPU_VIT))
+    if args.smoke:
+        vit_cfg = VitConfig(**SMOKE_VIT)
+    torch.manual_seed(0)
+    with torch.device(device):
+        vit = build_vit(vit_cfg).to(device=device, dtype=dtype)
+    print(f"ViT {sum(p.numel() for p in vit.parameters()) / 1e6:.0f}M params, depth {vit_cfg.depth}, width "
+          f"{vit_cfg.hidden_size}, {vit_cfg.num_heads} heads, {dtype}, on {device}", flush=True)
+    cases = smoke_cases() if args.smoke else vit_attention_cases(args, device)
+    rows = []
+    for case in [c for c in cases if c.encoder == "vit"]:
+        if time.perf_counter() - t_start > args.time_budget:
+            print(f"skipped (time budget): {case}", flush=True)
+            continue
+        batched, _, out_shape, _ = vit_fns(vit, vit_cfg, case, device)
+        outs, times = {}, {STOCK_ATTN: [], VARLEN_ATTN: []}
+        for impl in times:
+            set_vit_attention(vit, impl)
+            with torch.no_grad():
+                outs[impl] = batched().float()
+        # Alternate the two per repetition, so a change in machine load hits both alike.
+        for _ in range(args.repeat):
+            for impl in times:
+                set_vit_attention(vit, impl)
+                times[impl] += timed(batched, device, 0, 1)  # warm: outs above
+        diff = float((outs[VARLEN_ATTN] - outs[STOCK_ATTN]).abs().max())
+        stock_s, ours_s = statistics.median(times[STOCK_ATTN]), statistics.median(times[VARLEN_ATTN])
+        row = dict(dataclasses.asdict(case), dtype=str(dtype).removeprefix("torch."), out_shape=list(out_shape),
+                   stock_times_s=times[STOCK_ATTN], one_call_times_s=times[VARLEN_ATTN], stock_s=stock_s, one_call_s=ours_s, speedup=stock_s / ours_s, max_abs_diff=diff,
+                   stock_items_per_s=case.batch / stock_s, one_call_items_per_s=case.batch / ours_s)
+        rows.append(row)
+        print(f"vit {case.kind} {case.height}x{case.width}x{case.frames} B={case.batch}: stock {stock_s * 1e3:.0f} ms, "
+              f"one call per layer {ours_s * 1e3:.0f} ms, x{stock_s / ours_s:.2f}, max |diff| {diff:.1e} "
+              f"[t={time.perf_counter() - t_start:.0f}s]", flush=True)
+    set_vit_attention(vit, VARLEN_ATTN)
+    print("\n| ViT input (H×W×frames) | dtype | batch | stock: items/s | one call per layer: items/s | speed-up "
+          "| max abs diff |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        unit = "clips/s" if r["kind"] == "video" else "img/s"
+        print(f"| {r['kind']} {r['height']}×{r['width']}×{r['frames']} | {r['dtype']} | {r['batch']} "
+              f"| {r['stock_items_per_s']:.2f} {unit} | {r['one_call_items_per_s']:.2f} {unit} "
+              f"| {r['speedup']:.2f}× | {r['max_abs_diff']:.1e} |")
+    return rows
+
+
 # ----------------------------------------------------------------------------- runners
 def vae_fns(vae, case: Case, device: torch.device):
     g = torch.Generator(device=device).manual_seed(0)
@@ -171,12 +247,25 @@ def main() -> None:
                     help="skip the remaining cases once this many seconds have passed")
     ap.add_argument("--smoke", action="store_true", help="tiny models and shapes (CPU check)")
     ap.add_argument("--out", default=None, help="directory for results.json")
+    ap.add_argument("--vit-attention", action="store_true",
+                    help="compare the ViT's stock per-window attention with one call per layer")
+    ap.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
     args = ap.parse_args()
 
     t_start = time.perf_counter()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    use_cuda = torch.cuda.is_available() and not args.smoke and not args.cpu
+    device = torch.device("cuda" if use_cuda else "cpu")
     if device.type == "cuda":
         print(f"device: {torch.cuda.get_device_name(device)}  torch {torch.__version__}", flush=True)
+    else:
+        print(f"device: CPU, {torch.get_num_threads()} threads  torch {torch.__version__}", flush=True)
+    if args.vit_attention:
+        rows = run_vit_attention(args, device)
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "vit_attention.json").write_text(json.dumps(rows, indent=1))
+        print(f"\ntotal {time.perf_counter() - t_start:.0f}s", flush=True)
+        return
     vae_cfg = VaeConfig(**(SMOKE_VAE if args.smoke else {}))
     vit_cfg = VitConfig(**(SMOKE_VIT if args.smoke else {}))
     cases = smoke_cases() if args.smoke else default_cases(args)

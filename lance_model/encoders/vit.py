@@ -68,14 +68,18 @@ def _block_layout(cu_seqlens: Tensor, total: int) -> tuple[Tensor, Tensor, list[
 def block_diagonal_sdpa(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale: float | None = None) -> Tensor:
     """Attention of q/k/v [L, H, D] within the blocks cu_seqlens delimits, as ONE SDPA call -> [L, H, D].
 
-    Blocks padded to the longest (a key-padding mask; padded query rows are dropped) when that
-    scores fewer pairs than the whole sequence under a block-diagonal mask, else the latter."""
+    Equal blocks are a reshape ([blocks, H, len, D], no mask); unequal ones are padded to the
+    longest (a key-padding mask; padded query rows are dropped) when that scores fewer pairs than
+    the whole sequence under a block-diagonal mask, else the latter."""
     total, heads, dim = q.shape
     block, pos, lengths = _block_layout(cu_seqlens, total)
     n, longest = len(lengths), max(lengths)
-    if n == 1:
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=scale)
-        return out.transpose(0, 1)
+    if n * longest == total:  # all blocks equal (windows of a window-aligned image, frames of a clip)
+        def split(x: Tensor) -> Tensor:
+            return x.reshape(n, longest, heads, x.shape[-1]).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v), scale=scale)
+        return out.transpose(1, 2).reshape(total, heads, v.shape[-1])
     if n * longest * longest <= total * total:
         def pad(x: Tensor) -> Tensor:  # [L, H, D] -> [n, H, longest, D]
             padded = x.new_zeros(n, longest, heads, x.shape[-1])

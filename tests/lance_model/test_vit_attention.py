@@ -117,6 +117,7 @@ def _per_block_reference(q, k, v, lengths):
 
 @pytest.mark.parametrize("lengths", [
     [64, 64, 48, 64, 32],     # near-uniform blocks: padded batch
+    [64, 64, 64, 64],         # equal blocks: a reshape, no mask
     [300] + [1] * 40,         # one long block and many tiny ones: block-diagonal mask
     [17],                     # a single block: plain attention
 ])
