@@ -399,7 +399,13 @@ def run_recipe(config: str | Path, stages: tuple[str, ...] = STAGES, overrides: 
     cfg = load_recipe(config, overrides)
     workdir = cfg.workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    ray_mode = init_ray(cfg.rl.ray_address)
+    ray_mode = None  # Ray starts with the first stage or evaluation that has work to do
+
+    def ray_started() -> None:
+        nonlocal ray_mode
+        if ray_mode is None:
+            ray_mode = init_ray(cfg.rl.ray_address)
+
     tracker = None
     if cfg.recipe.tracking:
         tracker = Tracker(default_tracking_uri(workdir), cfg.recipe.experiment, workdir / "mlartifacts")
@@ -418,6 +424,7 @@ def run_recipe(config: str | Path, stages: tuple[str, ...] = STAGES, overrides: 
             if finished(workdir, stage):
                 log.info("recipe: stage %s already finished (%s); skipped", stage, marker(workdir, stage))
             else:
+                ray_started()
                 start = time.time()
                 extra: dict = {}
                 if stage == "curate":
@@ -429,6 +436,7 @@ def run_recipe(config: str | Path, stages: tuple[str, ...] = STAGES, overrides: 
                 write_json(marker(workdir, stage), {"stage": stage, "seconds": time.time() - start,
                                                     "output": output, **extra})
             if stage != "curate" and not (workdir / "eval" / f"{stage}.json").is_file():
+                ray_started()
                 pool = pool or RewardActorPool(w.ocr, w.num_actors, w.num_cpus, w.num_gpus, w.video_frame_stride,
                                                w.max_retries)
                 _evaluate_stage(cfg, stage, finished(workdir, stage)["output"], pool, tracker)
@@ -454,7 +462,7 @@ def run_recipe(config: str | Path, stages: tuple[str, ...] = STAGES, overrides: 
     finally:
         if pool is not None:
             pool.shutdown()
-        if ray_mode != "existing":
+        if ray_mode not in (None, "existing"):
             import ray
 
             ray.shutdown()
