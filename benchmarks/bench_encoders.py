@@ -52,7 +52,14 @@ from data_curation.buckets import bucket_size
 from data_curation.config import BucketConfig
 from lance_model.config import VaeConfig, VitConfig
 from lance_model.encoders.vae import build_vae
-from lance_model.encoders.vit import STOCK_ATTN, VARLEN_ATTN, build_vit, encode_vit, set_vit_attention, vit_patches
+from lance_model.encoders.vit import (
+    STOCK_ATTN,
+    VARLEN_ATTN,
+    build_vit,
+    encode_vit,
+    set_vit_attention,
+    vit_patches,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

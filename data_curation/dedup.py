@@ -7,13 +7,27 @@ the same task whose hashes differ in at most `hamming_threshold` bits are near d
 
 Dedup is a global decision, so it runs on the driver over the (small) per-item metadata of the
 inspect pass, in a canonical order (source URI): the first item of a group is kept, which makes the
-result independent of Ray's scheduling and identical for a crashed-and-resumed refresh. Comparison
-is brute force over the kept hashes of a task (vectorised popcount): fine for millions of
-comparisons; a banded index would be the next step for much larger refreshes.
+result independent of Ray's scheduling and identical for a crashed-and-resumed refresh.
+
+Lookup is sub-linear in the number of kept hashes (`NearDuplicateIndex`, one per task): the 64 bits
+are cut into m bands and band b is given a probe radius r_b with sum(r_b + 1) = threshold + 1. Two
+hashes within the threshold then agree on some band b up to r_b bits (pigeonhole: were every band
+at least r_b + 1 bits apart, the hashes would be more than the threshold apart), so probing, in
+every band, all values within r_b bits of the query's band finds EVERY kept hash within the
+threshold; candidates are then verified exactly. With r_b = 0 this is plain LSH banding (m =
+threshold + 1 bands must match exactly); wider bands with a radius (multi-index hashing) keep the
+candidates few when millions of hashes are kept. m is chosen from a cost model (probes + expected
+candidates for uniform hashes) for the index's size, and re-chosen as it grows; a small index is
+scanned linearly. The result is exactly the brute-force one: the nearest kept hash within the
+threshold, ties to the earliest kept.
 """
 from __future__ import annotations
 
+import itertools
+import logging
+import math
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,8 +36,11 @@ from PIL import Image
 from data_curation.config import DedupConfig
 from data_curation.filters import grey
 
+log = logging.getLogger(__name__)
+
 HASH_SIZE = 8
 THUMB_SIZE = 32
+HASH_BITS = 64
 
 
 def _dct_matrix(n: int) -> np.ndarray:
@@ -48,10 +65,197 @@ def perceptual_hash(frames: np.ndarray) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
+def _popcount(x: np.ndarray) -> np.ndarray:
+    """Set bits of each uint64."""
+    if hasattr(np, "bitwise_count"):  # numpy >= 2
+        return np.bitwise_count(x).astype(np.int64)
+    return np.unpackbits(np.ascontiguousarray(x).view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
+
+
 def hamming(a: np.ndarray, b: int) -> np.ndarray:
     """Bit distances between int64 hashes `a` and one hash `b`."""
-    x = np.bitwise_xor(a.astype(np.int64), np.int64(b)).view(np.uint64)
-    return np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
+    x = np.bitwise_xor(np.asarray(a).astype(np.int64), np.int64(b)).view(np.uint64)
+    return _popcount(x)
+
+
+def _as_uint64(phash: int) -> int:
+    if isinstance(phash, (bool, float)) or not isinstance(phash, (int, np.integer)):
+        raise TypeError(f"perceptual hash {phash!r}: expected a 64-bit integer")
+    phash = int(phash)
+    if not -(1 << 63) <= phash < 1 << 64:
+        raise ValueError(f"perceptual hash {phash}: outside the 64-bit range")
+    return phash & ((1 << 64) - 1)
+
+
+# ------------------------------------------------------------------------------- the band index
+@dataclass(frozen=True)
+class BandPlan:
+    """Bands (bit offset, width) and each band's probe radius; sum(radius + 1) = threshold + 1."""
+
+    bands: tuple[tuple[int, int], ...]
+    radii: tuple[int, ...]
+
+    def probes(self) -> int:
+        return sum(_ball(w, r) for (_, w), r in zip(self.bands, self.radii))
+
+
+def _ball(width: int, radius: int) -> int:
+    """Number of `width`-bit values within `radius` bits of a given one."""
+    return sum(math.comb(width, i) for i in range(min(radius, width) + 1))
+
+
+# Costs in units of one exact candidate comparison (vectorised popcount), measured on CPU by
+# benchmarks/bench_dedup.py's lookups: a band lookup (Python + two searchsorted calls) and a probe.
+BAND_COST = 40.0
+PROBE_COST = 2.0
+MAX_PROBES = 1 << 16  # never enumerate more probe values than this per lookup
+
+
+def plan_for(threshold: int, size: int, bits: int = HASH_BITS) -> BandPlan | None:
+    """The cheapest exact band plan for `size` kept hashes, or None when a linear scan is cheaper."""
+    best, best_cost = None, float(size)
+    for m in range(1, min(threshold + 1, bits) + 1):
+        widths = [bits // m + (1 if b < bits % m else 0) for b in range(m)]
+        spare = threshold + 1 - m  # radius to spread: sum(r_b) = threshold + 1 - m
+        radii = [spare // m + (1 if b < spare % m else 0) for b in range(m)]
+        starts = list(itertools.accumulate([0] + widths[:-1]))
+        plan = BandPlan(tuple(zip(starts, widths)), tuple(radii))
+        probes = plan.probes()
+        if probes > MAX_PROBES:
+            continue
+        candidates = size * sum(_ball(w, r) / 2.0 ** w for w, r in zip(widths, radii))
+        cost = BAND_COST * m + PROBE_COST * probes + candidates
+        if cost < best_cost:
+            best, best_cost = plan, cost
+    return best
+
+
+def _flip_masks(width: int, radius: int) -> np.ndarray:
+    """All `width`-bit XOR masks with at most `radius` bits set (uint64), the zero mask first."""
+    masks = [0]
+    for r in range(1, min(radius, width) + 1):
+        masks += [sum(1 << i for i in combo) for combo in itertools.combinations(range(width), r)]
+    return np.array(masks, dtype=np.uint64)
+
+
+class NearDuplicateIndex:
+    """Kept 64-bit hashes; `nearest(h)` = (id, distance) of the nearest within `threshold` bits.
+
+    Ids are insertion indexes; ties go to the smallest id (as a linear scan in insertion order).
+    Hashes added in bulk (`extend`) or since the last rebuild are held in per-band sorted arrays
+    and per-band dicts respectively; the index is rebuilt (and its plan re-chosen) when the dict
+    part outgrows a quarter of the sorted part. `comparisons` counts the exact candidate checks,
+    `probes` the band values looked up, `lookups` the calls of `nearest`."""
+
+    REBUILD_MIN = 4096
+
+    def __init__(self, threshold: int) -> None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, np.integer)):
+            raise TypeError(f"hamming threshold {threshold!r}: expected an int")
+        if not 0 <= threshold <= HASH_BITS:
+            raise ValueError(f"hamming threshold {threshold}: expected 0..{HASH_BITS}")
+        self.threshold = int(threshold)
+        self._hashes = np.empty(1024, dtype=np.uint64)
+        self._n = 0
+        self.plan: BandPlan | None = None
+        self._masks: list[np.ndarray] = []
+        self._sorted: list[tuple[np.ndarray, np.ndarray]] = []  # per band: (band values, ids)
+        self._indexed = 0  # ids below this are in the sorted arrays
+        self._recent: list[dict[int, list[int]]] = []
+        self.comparisons = self.probes = self.lookups = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def hashes(self) -> np.ndarray:
+        """The kept hashes (uint64, by id)."""
+        return self._hashes[:self._n]
+
+    def _reserve(self, extra: int) -> None:
+        if self._n + extra > len(self._hashes):
+            grown = np.empty(max(2 * len(self._hashes), self._n + extra), dtype=np.uint64)
+            grown[:self._n] = self._hashes[:self._n]
+            self._hashes = grown
+
+    def _band(self, values: np.ndarray | np.uint64, band: tuple[int, int]) -> np.ndarray:
+        start, width = band
+        return (values >> np.uint64(start)) & np.uint64((1 << width) - 1)
+
+    def _rebuild(self) -> None:
+        self.plan = plan_for(self.threshold, self._n)
+        self._sorted, self._recent, self._masks = [], [], []
+        if self.plan is not None:
+            ids = np.arange(self._n, dtype=np.int64)
+            for band, radius in zip(self.plan.bands, self.plan.radii):
+                values = self._band(self.hashes, band)
+                order = np.argsort(values, kind="stable")
+                self._sorted.append((values[order], ids[order]))
+                self._recent.append({})
+                self._masks.append(_flip_masks(band[1], radius))
+        self._indexed = self._n
+        log.debug("near-dup index: %d hashes, threshold %d, plan %s", self._n, self.threshold, self.plan)
+
+    def extend(self, phashes: Iterable[int]) -> None:
+        """Add many hashes (ids continue from len(self)); the index is rebuilt once."""
+        values = np.array([_as_uint64(h) for h in phashes], dtype=np.uint64)
+        self._reserve(len(values))
+        self._hashes[self._n:self._n + len(values)] = values
+        self._n += len(values)
+        self._rebuild()
+
+    def add(self, phash: int) -> int:
+        """Add one hash; returns its id."""
+        value = _as_uint64(phash)
+        self._reserve(1)
+        idx = self._n
+        self._hashes[idx] = value
+        self._n += 1
+        if self._n - self._indexed > max(self.REBUILD_MIN, self._indexed // 4):
+            self._rebuild()
+        elif self.plan is not None:
+            for band, recent in zip(self.plan.bands, self._recent):
+                recent.setdefault(int(self._band(np.uint64(value), band)), []).append(idx)
+        return idx
+
+    def _candidates(self, value: np.uint64) -> np.ndarray:
+        if self.plan is None:
+            return np.arange(self._n, dtype=np.int64)
+        found: list[np.ndarray] = []
+        extra: list[int] = []
+        for band, masks, (values, ids), recent in zip(self.plan.bands, self._masks, self._sorted, self._recent):
+            probe = self._band(value, band) ^ masks
+            self.probes += len(probe)
+            lo = np.searchsorted(values, probe, side="left")
+            hi = np.searchsorted(values, probe, side="right")
+            counts = hi - lo
+            hit = counts > 0
+            if hit.any():
+                lo, counts = lo[hit], counts[hit]
+                offsets = np.repeat(lo - (np.cumsum(counts) - counts), counts)
+                found.append(ids[offsets + np.arange(int(counts.sum()))])
+            if recent:
+                for v in probe.tolist():
+                    bucket = recent.get(v)
+                    if bucket:
+                        extra.extend(bucket)
+        if extra:
+            found.append(np.array(extra, dtype=np.int64))
+        if not found:
+            return np.empty(0, dtype=np.int64)
+        return np.unique(np.concatenate(found))
+
+    def nearest(self, phash: int) -> tuple[int, int] | None:
+        """(id, distance) of the nearest kept hash within the threshold (smallest id on ties), or None."""
+        value = np.uint64(_as_uint64(phash))
+        self.lookups += 1
+        cand = self._candidates(value)
+        self.comparisons += len(cand)
+        if not len(cand):
+            return None
+        dist = _popcount(self._hashes[cand] ^ value)
+        j = int(dist.argmin())  # candidates are sorted by id: the first minimum is the earliest kept
+        return (int(cand[j]), int(dist[j])) if dist[j] <= self.threshold else None
 
 
 @dataclass
@@ -66,22 +270,29 @@ def find_duplicates(items: list[Candidate], cfg: DedupConfig,
                     curated_before: list[Candidate]) -> dict[str, tuple[str, str]]:
     """{key: (reason, kept sample_id)} for the items to drop; reason is "exact" or "near".
 
-    `curated_before` holds what earlier runs curated (from the ledger); it always wins."""
+    `curated_before` holds what earlier runs curated (from the ledger); it always wins. Near
+    duplicates are looked up in a `NearDuplicateIndex` per task (sub-linear in the kept hashes)."""
     kept_ids = {c.sample_id for c in curated_before}
     kept: dict[str, list[Candidate]] = defaultdict(list)
     for c in curated_before:
         kept[c.task].append(c)
+    index: dict[str, NearDuplicateIndex] = {}
+    if cfg.near:
+        for task, cands in kept.items():
+            index[task] = NearDuplicateIndex(cfg.hamming_threshold)
+            index[task].extend(c.phash for c in cands)
     out: dict[str, tuple[str, str]] = {}
     for item in sorted(items, key=lambda c: c.key):
         if cfg.exact and item.sample_id in kept_ids:
             out[item.key] = ("exact", item.sample_id)
             continue
-        if cfg.near and kept[item.task]:
-            dist = hamming(np.array([c.phash for c in kept[item.task]], dtype=np.int64), item.phash)
-            j = int(dist.argmin())
-            if dist[j] <= cfg.hamming_threshold:
-                out[item.key] = ("near", kept[item.task][j].sample_id)
+        if cfg.near:
+            task_index = index.setdefault(item.task, NearDuplicateIndex(cfg.hamming_threshold))
+            hit = task_index.nearest(item.phash)
+            if hit is not None:
+                out[item.key] = ("near", kept[item.task][hit[0]].sample_id)
                 continue
+            task_index.add(item.phash)
         kept_ids.add(item.sample_id)
         kept[item.task].append(item)
     return out

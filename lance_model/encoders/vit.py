@@ -71,7 +71,7 @@ def block_diagonal_sdpa(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, sca
     Equal blocks are a reshape ([blocks, H, len, D], no mask); unequal ones are padded to the
     longest (a key-padding mask; padded query rows are dropped) when that scores fewer pairs than
     the whole sequence under a block-diagonal mask, else the latter."""
-    total, heads, dim = q.shape
+    total, heads, _ = q.shape
     block, pos, lengths = _block_layout(cu_seqlens, total)
     n, longest = len(lengths), max(lengths)
     if n * longest == total:  # all blocks equal (windows of a window-aligned image, frames of a clip)
