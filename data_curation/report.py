@@ -36,7 +36,12 @@ def flat_metrics(counts: dict) -> dict[str, float]:
 
 
 def _histogram(ax, values: list[float], title: str, xlabel: str) -> None:
-    ax.hist(values if values else [0], bins=min(30, max(5, len(values))), color="#3b6ea5")
+    if values:
+        ax.hist(values, bins=min(30, max(5, len(values))), color="#3b6ea5")
+    else:  # e.g. durations of a corpus without videos: say so instead of drawing a bar at 0
+        ax.text(0.5, 0.5, "no items", ha="center", va="center", transform=ax.transAxes, color="#666666")
+        ax.set_xticks([])
+        ax.set_yticks([])
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("items")
