@@ -42,8 +42,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, runtime_en
         logs.start_log_files()
         return f"cluster {address}"
     # address="local": always a new local instance, never a cluster another `ray start` left behind
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-             runtime_env=runtime_env, log_to_driver=True, configure_logging=False)
+    try:
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 runtime_env=runtime_env, log_to_driver=True, configure_logging=False)
+    except (TimeoutError, ConnectionError, RuntimeError) as exc:  # e.g. GCS start timed out on a loaded machine
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RayUnavailableError(f"could not start a local Ray: {first}; retry when the machine is less "
+                                  "loaded, or connect to a running cluster with --address / RAY_ADDRESS") from exc
     log.info("started local Ray with %s CPUs", num_cpus or os.cpu_count())
     logs.start_log_files()
     return "local"
