@@ -344,3 +344,127 @@ def fill_from_qwen25vl(model: torch.nn.Module, mapped: dict[str, torch.Tensor], 
     report.missing = fresh
     model.qwen_init_report = report
     return report
+
+
+# ---------------------------------------------------------------------------------------- sliced reading
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor lives: a safetensors file, its key there, its shape."""
+
+    file: str
+    key: str
+    shape: tuple[int, ...]
+
+
+class SlicedReader:
+    """Reads tensors, or ranges of their first dimension, straight from safetensors files (only the
+    bytes asked for; files stay open until `close`), so a rank can fill its shard of a parameter
+    without holding the whole tensor."""
+
+    def __init__(self) -> None:
+        self._handles: dict[str, object] = {}
+
+    def _open(self, file: str):
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="pt", device="cpu")
+        return self._handles[file]
+
+    def rows(self, ref: TensorRef, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) of the tensor (all of it when both are None; 0-dim tensors whole)."""
+        handle = self._open(ref.file)
+        if start is None and stop is None or not ref.shape:
+            return handle.get_tensor(ref.key)
+        return handle.get_slice(ref.key)[start:stop]
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> SlicedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def index_safetensors(path: str | Path) -> dict[str, TensorRef]:
+    """Key -> `TensorRef` of every tensor of a safetensors file (the header only is read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: sharded loading reads safetensors files only")
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return {k: TensorRef(str(path), k, tuple(f.get_slice(k).get_shape())) for k in f.keys()}  # noqa: SIM118
+
+
+def index_pretrained(directory: str | Path, weights: str = "auto", vit_weights: str | Path | None = None
+                     ) -> tuple[LanceConfig, dict[str, TensorRef], Path]:
+    """Like `read_pretrained`, without reading any tensor: (config, official key -> `TensorRef`,
+    weights file), the separate `vit.safetensors` of the released layout included."""
+    directory = Path(directory)
+    config = LanceConfig.from_pretrained(directory)
+    path = resolve_weights_file(directory, weights)
+    refs = index_safetensors(path)
+    if vit_weights is not None and not Path(vit_weights).is_file():
+        raise FileNotFoundError(f"ViT weights file not found: {vit_weights}")
+    if config.vit is not None and not any(k.startswith(VIT_PREFIX) for k in refs):
+        vit_path = Path(vit_weights) if vit_weights else directory / "vit.safetensors"
+        if vit_path.is_file():
+            refs.update({VIT_PREFIX + _strip_vit_prefix(k): r for k, r in index_safetensors(vit_path).items()})
+    refs.pop(POS_EMBED_KEY, None)
+    if config.text.tie_word_embeddings:
+        refs.pop(LM_HEAD_KEY, None)
+    return config, refs, path
+
+
+def index_qwen25vl(directory: str | Path, config: LanceConfig | None = None
+                   ) -> tuple[LanceConfig, dict[str, TensorRef], list[str]]:
+    """Like `read_qwen25vl`, without reading any tensor: (Lance config, Lance key -> `TensorRef`,
+    source keys Lance does not use). `qwen25vl_sources` adds the gen-expert twins and the head."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"Qwen2.5-VL checkpoint directory not found: {directory}")
+    config = config_from_qwen25vl(directory, config)
+    if (directory / "tokenizer.json").is_file() or (directory / "vocab.json").is_file():
+        config.tokenizer = str(directory)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {directory}")
+    refs: dict[str, TensorRef] = {}
+    dropped = []
+    for f in files:
+        for k, r in index_safetensors(f).items():
+            nk = qwen25vl_key(k)
+            if nk is None:
+                dropped.append(k)
+            else:
+                refs[nk] = r
+    return config, refs, dropped
+
+
+def qwen25vl_sources(expected: list[str], refs: dict[str, TensorRef]) -> tuple[dict[str, TensorRef], list[str]]:
+    """(Lance key -> source tensor for every `expected` key Qwen2.5-VL provides, the keys that keep a
+    fresh init): as `fill_from_qwen25vl`, every gen-expert weight reads its und twin and a tied
+    source's missing head reads the embedding."""
+    out = {k: r for k, r in refs.items() if k in expected}
+    if LM_HEAD_KEY in expected and LM_HEAD_KEY not in refs and EMBED_KEY in refs:
+        out[LM_HEAD_KEY] = refs[EMBED_KEY]
+    for k in expected:
+        if GEN_SUFFIX in k and k not in out and gen_twin_source(k) in refs:
+            out[k] = refs[gen_twin_source(k)]
+    fresh = sorted(k for k in expected if k not in out and k != POS_EMBED_KEY)
+    return out, fresh
+
+
+def reset_buffers(model: torch.nn.Module, device: torch.device | str) -> None:
+    """Recompute the non-persistent buffers a checkpoint never carries (the ViT rotary frequencies),
+    e.g. after `to_empty` left them uninitialised."""
+    for name, module in model.named_modules():
+        buffers = list(module.named_buffers(recurse=False))
+        if not buffers:
+            continue
+        if not hasattr(module, "compute_axial_rope_parameters"):
+            raise CheckpointError(f"buffer(s) of {name} have no known value: {[b for b, _ in buffers]}")
+        inv_freq, _ = module.compute_axial_rope_parameters(module.config)
+        for bname, _ in buffers:
+            module._buffers[bname] = inv_freq.to(device)

@@ -43,6 +43,19 @@ def sample_timesteps(n: int, shift: float, generator: torch.Generator | None = N
     return shift_timesteps(t, shift)
 
 
+@torch.no_grad()
+def init_tensor(name: str, p: torch.Tensor, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+    """The random init of one parameter `name` in place: zeros for biases, ones for other vectors
+    (norms), normal(0, std) for the rest (also used to initialise a sharded model tensor by tensor)."""
+    if p.dim() == 1:
+        if name.endswith("bias"):
+            p.zero_()
+        else:
+            p.fill_(1.0)
+    else:
+        p.normal_(0.0, std, generator=generator)
+
+
 def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
@@ -85,14 +98,7 @@ class Lance(nn.Module):
         for name, p in self.named_parameters():
             if name == "latent_pos_embed.pos_embed" or name.startswith("vit_model."):
                 continue
-            with torch.no_grad():
-                if p.dim() == 1:
-                    if name.endswith("bias"):
-                        p.zero_()
-                    else:
-                        p.fill_(1.0)
-                else:
-                    p.normal_(0.0, std, generator=generator)
+            init_tensor(name, p, std, generator)
         self.latent_pos_embed.reset_table()
 
     def attention_backend(self, device: torch.device) -> AttentionBackend:

@@ -70,7 +70,7 @@ class InitConfig:
 
 @configclass
 class ModelConfig:
-    preset: PresetName = "tiny"
+    preset: PresetName = "tiny"  # init.kind=qwen25vl: the fields the Qwen2.5-VL checkpoint does not fix
     overrides: dict[str, Any] = field(default_factory=dict)  # LanceConfig fields (e.g. ce_weight)
     activation_checkpointing: bool = False
     compile: bool = False
@@ -78,11 +78,13 @@ class ModelConfig:
     def validate(self, init_kind: str = "preset") -> None:
         """The overrides, applied to the preset, give a valid model config (checked in the driver,
         before Ray starts). A checkpoint fixes the architecture: other init kinds may override only
-        top-level fields (loss weights, dropouts, freezing)."""
+        top-level fields (loss weights, dropouts, freezing); one line names every section overridden.
+        For `qwen25vl` the preset with its overrides supplies every field but the text and ViT shapes."""
         if init_kind != "preset":
-            for key in MODEL_SECTIONS:
-                require(key not in self.overrides, f"model.overrides.{key}", self.overrides.get(key),
-                        f"no architecture override for init.kind={init_kind!r} (the checkpoint fixes it)")
+            fixed = [key for key in MODEL_SECTIONS if key in self.overrides]
+            require(not fixed, "model.overrides", {k: self.overrides[k] for k in fixed},
+                    f"no override of {', '.join(fixed)} for init.kind={init_kind!r} (the checkpoint fixes the "
+                    "architecture; override only top-level fields such as ce_weight)")
         PRESETS[self.preset]().with_overrides(self.overrides, "model.overrides.")
 
 

@@ -1,9 +1,13 @@
 """How a Lance model is distributed: FSDP2 per decoder layer, mixed precision, activation checkpointing.
 
 The model definition (`lance_model`) knows nothing of this; `apply_fsdp` wraps an existing model,
-the torchtitan way. On CPU the same code runs with gloo and full precision.
+the torchtitan way, also one still on the meta device: after `to_empty`, `fill_local` gives every
+rank's shards their values one tensor at a time (`local_part` says which rows a rank holds). On CPU
+the same code runs with gloo and full precision.
 """
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -56,3 +60,43 @@ def all_finite(value: torch.Tensor) -> bool:
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+# ---------------------------------------------------------------------------------------- shard by shard
+def local_part(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(this rank's local tensor, its first row, its end row) of a model tensor: a DTensor sharded
+    on dim 0 (FSDP2, also inside an HSDP mesh whose other dims replicate) or a plain tensor (all rows).
+    Rows follow `torch.chunk`, as FSDP2 shards them; 0-dim tensors are whole on every rank."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not isinstance(t, DTensor):
+        return t, 0, (t.shape[0] if t.dim() else 0)
+    local = t.to_local()
+    n = t.shape[0] if t.dim() else 0
+    sharded = [i for i, p in enumerate(t.placements) if not isinstance(p, Replicate)]
+    if not sharded or t.dim() == 0:
+        return local, 0, n
+    if len(sharded) != 1 or not isinstance(t.placements[sharded[0]], Shard) or t.placements[sharded[0]].dim != 0:
+        raise ValueError(f"tensor placements {t.placements}: only dim-0 sharding (FSDP2/HSDP) is supported")
+    mesh_dim = sharded[0]
+    parts, rank = t.device_mesh.size(mesh_dim), t.device_mesh.get_local_rank(mesh_dim)
+    chunk = -(-n // parts)
+    start = min(rank * chunk, n)
+    stop = min(start + chunk, n)
+    if local.shape[0] != stop - start:
+        raise RuntimeError(f"local shard of {tuple(t.shape)} has {local.shape[0]} rows, expected {stop - start}")
+    return local, start, stop
+
+
+@torch.no_grad()
+def fill_local(tensors: Iterable[tuple[str, torch.Tensor]],
+               value: Callable[[str, tuple[int, ...], int, int], torch.Tensor]) -> None:
+    """Fill each tensor's local part, one tensor at a time, with `value(name, global shape, start,
+    stop)`: rows [start, stop) of the named tensor (cast and moved to the tensor's dtype/device), so
+    a rank holds its shards plus one tensor's rows at most."""
+    for name, t in tensors:
+        local, start, stop = local_part(t)
+        src = value(name, tuple(t.shape), start, stop)
+        if tuple(src.shape) != tuple(local.shape):
+            raise ValueError(f"{name}: got a block of shape {tuple(src.shape)} for the local part {tuple(local.shape)}")
+        local.copy_(src)

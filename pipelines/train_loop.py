@@ -17,51 +17,150 @@ Rank 0 alone writes to MLflow, reopening the stage's run by id after a restart.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lance_platform.schema import read_shard, shard_schema, write_shard
 from lance_model import Lance, LanceConfig
 from lance_model.backbone import compile_layers
-from lance_platform import checkpoint as ckpt
-from lance_platform.checkpoint import plain_name
-from lance_platform.config import from_dict
+from lance_model.checkpoint import (
+    POS_EMBED_KEY,
+    SlicedReader,
+    TensorRef,
+    index_pretrained,
+    index_qwen25vl,
+    index_safetensors,
+    qwen25vl_sources,
+    reset_buffers,
+)
+from lance_model.heads import sincos_3d_table
+from lance_model.model import init_tensor
 from lance_model.sequence import SequenceBuilder
 from lance_model.tokenizer import load_tokenizer
+from lance_platform import checkpoint as ckpt
+from lance_platform.checkpoint import plain_name
+from lance_platform.config import ConfigError, from_dict
 
 from . import parallel
-from .batching import GroupStreams, Packer
-from .config import StageConfig
+from .batching import GroupStreams, Packer, Prefetcher, ShardRows
+from .config import MODEL_SECTIONS, StageConfig
 
 log = logging.getLogger(__name__)
-SHARD_COLUMNS = set(shard_schema().names)
+PREFETCH_DEPTH = 2  # packs made ahead of the step
 
 
 # ---------------------------------------------------------------------------------------- model
-def build_model(stage: StageConfig, init_path: str | None) -> Lance:
-    """The stage's starting weights, identical on every rank (built before sharding)."""
+@dataclass
+class ModelSource:
+    """Where a stage's starting weights come from: the model config, the tensors a checkpoint
+    provides (plain key -> safetensors location), and how the rest is filled."""
+
+    config: LanceConfig
+    refs: dict[str, TensorRef] = field(default_factory=dict)
+    seed: int = 0  # random init of what the checkpoint does not provide
+    fresh_ok: bool = True  # False: every tensor must come from the checkpoint (strict)
+    qwen: bool = False  # Qwen2.5-VL: gen expert from its und twin, head from a tied embedding
+    source: str = ""
+
+
+def model_source(stage: StageConfig, init_path: str | None = None) -> ModelSource:
+    """The stage's `init` and `model` sections as a `ModelSource` (headers read, no tensor).
+
+    `preset`: `model.preset` with `model.overrides`, random init. `qwen25vl`: the text and ViT
+    shapes come from the checkpoint, every other field from `model.preset` with `model.overrides`.
+    `lance` / `previous`: the checkpoint's config with `model.overrides`. Those two kinds and
+    `qwen25vl` refuse overrides of the architecture sections (`ConfigError` naming them)."""
     overrides = dict(stage.model.overrides)
     kind = stage.init.kind
     if kind == "preset":
-        config = LanceConfig.from_preset(stage.model.preset, **overrides)
-        torch.manual_seed(stage.seed)
-        model = Lance(config)
-        model.init_weights(generator=torch.Generator().manual_seed(stage.seed))
-        return model
+        return ModelSource(LanceConfig.from_preset(stage.model.preset, **overrides), seed=stage.seed,
+                           source=f"preset {stage.model.preset}")
+    fixed = [k for k in MODEL_SECTIONS if k in overrides]
+    if fixed:
+        raise ConfigError(f"model.overrides: {', '.join(fixed)} cannot be overridden for init.kind={kind!r} "
+                          "(the checkpoint fixes the architecture; override only top-level fields)", "model.overrides")
+    path = init_path or stage.init.path
     if kind == "qwen25vl":
-        return Lance.from_qwen25vl(init_path or stage.init.path)
-    model = Lance.from_pretrained(init_path or stage.init.path, weights=stage.init.weights)
-    for key, value in overrides.items():
-        setattr(model.config, key, value)
-    model.config.validate()
-    model.apply_freeze()
+        base = LanceConfig.from_preset(stage.model.preset).with_overrides(overrides, "model.overrides.")
+        config, refs, dropped = index_qwen25vl(path, base)
+        if dropped:
+            log.info("%s: %d tensor(s) Lance does not use", path, len(dropped))
+        return ModelSource(config, refs, seed=stage.seed, qwen=True, source=str(path))
+    config, refs, weights = index_pretrained(path, weights=stage.init.weights)
+    ckpt.verify_if_managed(path)
+    return ModelSource(config.with_overrides(overrides, "model.overrides."), refs, fresh_ok=False,
+                       source=str(weights))
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A generator seed per (seed, tensor name): a tensor's random init does not depend on which
+    other tensors were initialised before it, nor on how the model is sharded."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") & (2 ** 63 - 1)
+
+
+def fill_model(model: Lance, source: ModelSource, device: torch.device) -> list[str]:
+    """Give every parameter of `model` (after `to_empty`, sharded or not) its value, tensor by
+    tensor: read from the checkpoint (only this rank's rows), or a random init made one full tensor
+    at a time and cut to this rank's rows; the latent position table and rotary buffers are
+    computed. Returns the keys that got a random init."""
+    params = [(plain_name(n), p) for n, p in model.named_parameters()]
+    expected = {n: tuple(p.shape) for n, p in params}
+    refs = source.refs
+    if source.qwen:
+        refs, _ = qwen25vl_sources(list(expected), refs)
+    fresh = sorted(n for n in expected if n not in refs and n != POS_EMBED_KEY)
+    if fresh and not source.fresh_ok:
+        shapes = {k: torch.empty(r.shape, device="meta") for k, r in refs.items()}
+        ckpt.strict_model_state(expected, shapes, source.source, model.config.text.tie_word_embeddings)
+    unused = sorted(set(refs) - set(expected))
+    if unused:
+        log.warning("%s: %d tensor(s) the model does not have, ignored: %s", source.source, len(unused),
+                    ", ".join(unused[:8]))
+    wrong = [f"{k} (checkpoint {refs[k].shape}, model {s})" for k, s in expected.items() if k in refs
+             and tuple(refs[k].shape) != s]
+    if wrong:
+        raise ckpt.CheckpointError(f"{source.source}: {len(wrong)} shape mismatch(es): {', '.join(wrong[:8])}")
+    pe = model.latent_pos_embed
+
+    with SlicedReader() as reader:
+        def value(name: str, shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
+            if name == POS_EMBED_KEY:
+                return sincos_3d_table(pe.frames, pe.size, pe.hidden)[start:stop]
+            if name in refs:
+                return reader.rows(refs[name], start, stop)
+            full = torch.empty(shape)
+            init_tensor(name, full, generator=torch.Generator().manual_seed(tensor_seed(source.seed, name)))
+            return full[start:stop] if full.dim() else full
+
+        parallel.fill_local(params, value)
+    reset_buffers(model, device)
+    if fresh:
+        log.info("%s: %d tensor(s) got a random init", source.source, len(fresh))
+    return fresh
+
+
+def build_model(stage: StageConfig, init_path: str | None = None, device: torch.device | str = "cpu",
+                prepare: Callable[[Lance], None] | None = None) -> Lance:
+    """The stage's starting model, built on the meta device; `prepare` (compile, activation
+    checkpointing, FSDP2) wraps it there, then each rank allocates and fills only its own shards
+    (`fill_model`): no rank ever holds the whole model. Without `prepare`, a plain model on
+    `device`; the values do not depend on the sharding."""
+    source = model_source(stage, init_path)
+    with torch.device("meta"):
+        model = Lance(source.config)
+    if prepare is not None:
+        prepare(model)
+    model.to_empty(device=torch.device(device))
+    fill_model(model, source, torch.device(device))
     return model
 
 
@@ -93,14 +192,14 @@ class Ema:
     def full_state(self) -> dict[str, torch.Tensor]:
         return {n: parallel.full_tensor(t).cpu() for n, t in self.shadow.items()}
 
-    def load_full(self, full: dict[str, torch.Tensor]) -> None:
-        from torch.distributed.tensor import DTensor, distribute_tensor
-
-        for n, t in self.shadow.items():
-            src = full[n].to(device=t.device, dtype=t.dtype)
-            if isinstance(t, DTensor):
-                src = distribute_tensor(src, t.device_mesh, t.placements)
-            t.copy_(src)
+    def load_file(self, path: Path, expected: dict[str, tuple[int, ...]], tied: bool) -> None:
+        """Strictly load an EMA file (every model key, checked like the model's), each rank reading
+        only its shards' rows."""
+        refs = index_safetensors(path)
+        ckpt.strict_model_state(expected, {k: torch.empty(r.shape, device="meta") for k, r in refs.items()},
+                                str(path), tied)
+        with SlicedReader() as reader:
+            parallel.fill_local(self.shadow.items(), lambda n, shape, a, b: reader.rows(refs[n], a, b))
 
 
 # ---------------------------------------------------------------------------------------- state
@@ -156,35 +255,39 @@ def save_checkpoint(directory: Path, step: int, model: Lance, config: LanceConfi
 
 def restore_checkpoint(directory: Path, model: Lance, optimizer, scheduler, ema: Ema | None, packer: Packer | None,
                        rank: int) -> int:
-    """Strictly load a verified checkpoint (model, optimizer by name, EMA, scheduler, this rank's data
-    state); returns the step to continue from."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    """Strictly load a verified checkpoint (model, optimizer by name, EMA, scheduler, the data
+    position); returns the step to continue from. The model and EMA are read tensor by tensor, each
+    rank only its shards' rows; the full, name-keyed optimizer state reshards onto this run's
+    parameters. The world size may differ from the one that wrote the checkpoint: the data position
+    is then re-split (`load_data_states`)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    source = str(directory / ckpt.MODEL_FILE)
-    full = ckpt.read_model_state(directory)
+    tied = model.config.text.tie_word_embeddings
+    expected = {plain_name(k): tuple(v.shape) for k, v in model.state_dict().items()}  # global shapes
+    model_file = directory / ckpt.MODEL_FILE
+    if not model_file.is_file():
+        raise ckpt.InvalidCheckpointError(model_file, "file missing")
+    refs = index_safetensors(model_file)
+    meta = {k: torch.empty(r.shape, device="meta") for k, r in refs.items()}
+    checked = ckpt.strict_model_state(expected, meta, str(model_file), tied)
+    fill_model(model, ModelSource(model.config, {k: refs[k] for k in checked}, fresh_ok=False,
+                                  source=str(model_file)), next(model.parameters()).device)
     named = ckpt.read_optimizer_state(directory)
+    params = {plain_name(n): tuple(p.shape) for n, p in model.named_parameters()}
+    ckpt.check_optimizer_state(named, ckpt.optimizer_groups_by_name(model, optimizer), params,
+                               str(directory / ckpt.OPTIMIZER_JSON))
     if sharded(model):
-        shapes = {plain_name(k): tuple(v.shape) for k, v in model.state_dict().items()}  # global shapes
-        checked = ckpt.strict_model_state(shapes, full, source, model.config.text.tie_word_embeddings)
-        # strictness was checked above; the fixed latent position table is never stored
-        set_model_state_dict(model, checked, options=StateDictOptions(full_state_dict=True, strict=False))
-        params = {plain_name(n): tuple(p.shape) for n, p in model.named_parameters()}
-        ckpt.check_optimizer_state(named, ckpt.optimizer_groups_by_name(model, optimizer), params,
-                                   str(directory / ckpt.OPTIMIZER_JSON))
         set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
     else:
-        ckpt.load_model_state(model, full, source)
         ckpt.load_optimizer_state_by_name(model, optimizer, named, str(directory / ckpt.OPTIMIZER_JSON))
+    del named
     if ema is not None:
-        shapes = {plain_name(k): tuple(v.shape) for k, v in model.state_dict().items()}
-        ema.load_full(ckpt.strict_model_state(shapes, ckpt.read_model_state(directory, ckpt.EMA_FILE),
-                                              str(directory / ckpt.EMA_FILE), model.config.text.tie_word_embeddings))
+        ema_file = directory / ckpt.EMA_FILE
+        if not ema_file.is_file():
+            raise ckpt.InvalidCheckpointError(ema_file, "file missing")
+        ema.load_file(ema_file, expected, tied)
     if packer is not None:
-        packer.load_state_dict(load_data_state(directory, rank))
+        packer.load_states(load_data_states(directory, rank, packer.streams.world))
     state = ckpt.read_trainer_state(directory)
     if not isinstance(state.get("scheduler"), dict):
         raise ckpt.InvalidCheckpointError(directory / ckpt.TRAINER_STATE, "no scheduler state: not a training-stage checkpoint")
@@ -208,24 +311,41 @@ def resume_directory(checkpoint) -> tuple[Path | None, str | None]:
     return chosen, note
 
 
+def data_state_file(directory: Path, rank: int) -> Path:
+    return directory / f"data_state_rank{rank}.json"
+
+
 def save_data_state(directory: Path, rank: int, state: dict) -> None:
-    """Scalars as JSON; rows queued but not yet trained on as shard-schema Parquet files."""
-    queues = state["streams"]["queues"]
-    files = {}
-    for i, (group, rows) in enumerate(queues.items()):
-        if rows:
-            name = f"data_rank{rank}_queue{i}.parquet"
-            write_shard([{k: v for k, v in r.items() if k in SHARD_COLUMNS} for r in rows], directory / name)
-            files[group] = name
-    meta = {**state, "streams": {**state["streams"], "queues": files}}
-    (directory / f"data_state_rank{rank}.json").write_text(json.dumps(meta))
+    """This worker's data position (per-group cursors, a few integers) as JSON."""
+    path = data_state_file(directory, rank)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(path)
 
 
-def load_data_state(directory: Path, rank: int) -> dict:
-    meta = json.loads((directory / f"data_state_rank{rank}.json").read_text())
-    queues = {g: read_shard(directory / name).to_pylist() for g, name in meta["streams"]["queues"].items()}
-    meta["streams"]["queues"] = queues
-    return meta
+def _read_data_state(path: Path) -> dict:
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ckpt.InvalidCheckpointError(path, "file missing") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ckpt.InvalidCheckpointError(path, f"not valid JSON ({exc})") from exc
+    if not isinstance(state, dict) or not isinstance(state.get("streams"), dict) \
+            or not isinstance(state["streams"].get("world"), int):
+        raise ckpt.InvalidCheckpointError(path, "not a data state (needs 'streams' with 'world')")
+    return state
+
+
+def load_data_states(directory: Path, rank: int, world: int) -> list[dict]:
+    """This rank's own data state when the checkpoint was written by `world` workers; otherwise the
+    states of all the workers that wrote it (rank order), for the packer to re-split."""
+    first = _read_data_state(data_state_file(directory, 0))
+    saved_world = first["streams"]["world"]
+    if saved_world == world:
+        return [first if rank == 0 else _read_data_state(data_state_file(directory, rank))]
+    log.info("rank %d: the checkpoint was written by %d workers, this run has %d: re-splitting the data",
+             rank, saved_world, world)
+    return [first, *(_read_data_state(data_state_file(directory, r)) for r in range(1, saved_world))]
 
 
 # ---------------------------------------------------------------------------------------- validation
@@ -270,10 +390,10 @@ def log_validation_samples(model: Lance, config: LanceConfig, rows: list[dict], 
     next to the references, as MLflow artifacts. `model` is an unsharded copy."""
     from PIL import Image
 
-    from lance_platform.schema import row_to_sample
     from lance_model.encoders.vae import build_vae
     from lance_model.generation import SamplerOptions, TextOptions, generate_text, sample_latents
     from lance_model.sequence import Sample, Visual
+    from lance_platform.schema import row_to_sample
 
     builder = SequenceBuilder(load_tokenizer(config.tokenizer), config.vit.spatial_merge_size if config.vit else 2)
     n = stage.validation.samples
@@ -320,29 +440,30 @@ def _sample(row: dict):
 # ---------------------------------------------------------------------------------------- loop
 def train_loop(config: dict[str, Any]) -> None:
     import ray.train
-    from ray.train import Checkpoint
 
     stage: StageConfig = from_dict(StageConfig, config["stage"])
     rank, world = parallel.world()
     use_gpu = stage.scaling.use_gpu and torch.cuda.is_available()
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
 
-    model = build_model(stage, config.get("init_path"))
+    def prepare(model: Lance) -> None:  # on the meta device, before any weight exists
+        if stage.model.compile:
+            compile_layers(model)
+        if stage.model.activation_checkpointing:
+            parallel.apply_activation_checkpointing(model)
+        if parallel.distributed() and (world > 1 or use_gpu):
+            # FSDP2 also on a single GPU: fp32 master weights with bf16 compute
+            parallel.apply_fsdp(model, device, bf16=use_gpu)
+
+    model = build_model(stage, config.get("init_path"), device, prepare)
     model_config = model.config
-    model.to(device)
-    if stage.model.compile:
-        compile_layers(model)
-    if stage.model.activation_checkpointing:
-        parallel.apply_activation_checkpointing(model)
-    if parallel.distributed() and (world > 1 or use_gpu):
-        # FSDP2 also on a single GPU: fp32 master weights with bf16 compute
-        parallel.apply_fsdp(model, device, bf16=use_gpu)
 
     builder = SequenceBuilder(load_tokenizer(model_config.tokenizer),
                               model_config.vit.spatial_merge_size if model_config.vit else 2)
-    shard = ray.train.get_dataset_shard("train")
-    streams = GroupStreams(shard.iter_rows, {n: g.tasks for n, g in stage.mixture.groups.items()}, rank, world,
-                           holdout=config.get("holdout", stage.data.holdout_per_group))
+    # this worker reads only its own rows of the shards (see pipelines.batching)
+    streams = GroupStreams(ShardRows(config["files"]), {n: g.tasks for n, g in stage.mixture.groups.items()}, rank,
+                           world, holdout=config.get("holdout", stage.data.holdout_per_group),
+                           block=int(config.get("split_block", 1)))
     holdout_rows = streams.holdout_rows()
     packer = Packer(streams, stage.mixture, builder, model_config, stage.data.max_tokens,
                     stage.data.max_sample_tokens, seed=stage.seed, rank=rank)
@@ -376,10 +497,33 @@ def train_loop(config: dict[str, Any]) -> None:
             tracker.set_tags({"resume_fallback": fallback})
 
     model.train()
+
+    def pack(step: int):  # in the background thread, while earlier steps run
+        batch, stats = packer.next_pack(step)
+        return batch, stats, packer.state_dict(), packer.total.skipped_too_long
+
+    ahead = Prefetcher(pack, range(start, stage.steps), depth=PREFETCH_DEPTH)
+    try:
+        _steps(stage, model, model_config, ahead, start, optimizer, scheduler, params, ema, packer, builder,
+               holdout_rows, device, rank, world, use_gpu, tracker)
+    finally:
+        ahead.close()
+    if tracker is not None:
+        tracker.set_tags({"final_step": str(stage.steps - 1)})
+
+
+def _steps(stage: StageConfig, model: Lance, model_config: LanceConfig, ahead: Prefetcher, start: int, optimizer,
+           scheduler, params: list, ema: Ema | None, packer: Packer, builder: SequenceBuilder, holdout_rows: list[dict],
+           device: torch.device, rank: int, world: int, use_gpu: bool, tracker) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    o = stage.optim
     last_metrics: dict[str, float] = {}
     for step in range(start, stage.steps):
         t0 = time.perf_counter()
-        batch, stats = packer.next_pack(step)
+        batch, stats, data_state, skipped_total = ahead.get(step)
+        wait = time.perf_counter() - t0
         batch = batch.to(device)
         ce_n, mse_n, tokens = parallel.all_reduce_sum(
             [batch.ce_index.numel(), int(batch.vae_noisy.sum()), batch.num_tokens], device)
@@ -406,7 +550,8 @@ def train_loop(config: dict[str, Any]) -> None:
         pairs = parallel.all_reduce_sum([stats.attention_pairs], device)[0]
         last_metrics = {"loss": loss_sum, "ce": ce_sum, "mse": mse_sum, "lr": scheduler.get_last_lr()[0],
                         "grad_norm": grad_norm, "tokens_per_s": tokens / dt, "step_time_s": dt,
-                        "samples": stats.samples, "skipped_too_long": packer.total.skipped_too_long,
+                        "samples": stats.samples, "skipped_too_long": skipped_total, "data_wait_s": wait,
+                        "rows_read": packer.streams.source.rows_read,
                         "skipped_step": float(skipped)}
         if use_gpu and stage.scaling.peak_tflops > 0:
             last_metrics["mfu"] = step_flops(model_config, int(tokens), int(pairs)) / dt / (
@@ -428,7 +573,5 @@ def train_loop(config: dict[str, Any]) -> None:
         if last or (stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0):
             with tempfile.TemporaryDirectory() as tmp:
                 written = save_checkpoint(Path(tmp) / "checkpoint", step, model, model_config, optimizer, scheduler,
-                                          ema, packer.state_dict(), rank, world)
+                                          ema, data_state, rank, world)
                 ray.train.report({**last_metrics, "step": step}, checkpoint=Checkpoint.from_directory(written))
-    if tracker is not None:
-        tracker.set_tags({"final_step": str(stage.steps - 1)})

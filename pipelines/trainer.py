@@ -18,15 +18,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lance_platform.schema import check_tokenizer, check_version, describe_tokenizer, shard_tokenizer
 from lance_platform.config import ConfigError, flatten, load_config, to_dict
+from lance_platform.runtime import init_ray
+from lance_platform.schema import check_tokenizer, check_version, describe_tokenizer, shard_tokenizer
+from lance_platform.tracking import Tracker, default_tracking_uri
 
 from .config import PipelineConfig, StageConfig, load_stage_config
-from lance_platform.runtime import init_ray
-from lance_platform.tracking import Tracker, default_tracking_uri
 
 log = logging.getLogger(__name__)
 # What `<stage>/final` keeps of the last checkpoint: the model, EMA and optimizer state, not the data position.
+SPLIT_BLOCK_MAX = 256
 EXPORT_FILES = ("model.safetensors", "ema.safetensors", "lance_config.json", "llm_config.json",
                 "optimizer.safetensors", "optimizer.json", "trainer_state.json")
 
@@ -178,22 +179,14 @@ def plan_data(stage: StageConfig, init_path: str | None = None, tokenizer: bool 
     return DataPlan(files, counts, holdout, record)
 
 
-def training_dataset(files: list[str]):
-    """The stage's shard files as one Ray Dataset with a fixed row order (workers deal rows by index)."""
-    import ray.data
-
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    return ray.data.read_parquet(files)
-
-
-def _ordered_ingest():
-    """Train's ingest options with a fixed row order: every worker deals rows by index, and a
-    resumed worker must see the same order to continue exactly where it stopped."""
-    import ray.train
-
-    options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return options
+def split_block(stage: StageConfig, plan: DataPlan) -> int:
+    """Consecutive rows of a task group dealt to one worker (`pipelines.batching`): long runs keep a
+    worker's reads within few Parquet row groups; short ones (small data) keep every worker fed from
+    the first epoch on."""
+    sizes = [sum(plan.task_counts.get(t, 0) for t in g.tasks) - plan.holdout.get(name, 0)
+             for name, g in stage.mixture.groups.items()]
+    smallest = min((n for n in sizes if n > 0), default=1)
+    return max(1, min(SPLIT_BLOCK_MAX, smallest // (4 * stage.scaling.num_workers)))
 
 
 def _run_id_file(stage_dir: Path) -> Path:
@@ -202,7 +195,6 @@ def _run_id_file(stage_dir: Path) -> Path:
 
 def run_stage(stage: StageConfig, workdir: str | Path, parent_run_id: str | None = None,
               init_path: str | None = None, experiment: str = "lance", address: str | None = None) -> StageResult:
-    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchTrainer
@@ -240,14 +232,13 @@ def run_stage(stage: StageConfig, workdir: str | Path, parent_run_id: str | None
         train_loop_per_worker=_train_loop_entry,
         train_loop_config={"stage": to_dict(stage), "init_path": init_path, "tracking_uri": uri,
                            "run_id": run_id, "experiment": experiment, "storage_dir": str(stage_dir),
-                           "holdout": plan.holdout},
+                           "holdout": plan.holdout, "files": plan.files,
+                           "split_block": split_block(stage, plan)},
         scaling_config=RayScaling(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                   resources_per_worker={"CPU": scaling.cpus_per_worker}),
         run_config=RunConfig(name=f"{stage.name}", storage_path=str(stage_dir / "ray"),
                              failure_config=FailureConfig(max_failures=stage.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=stage.keep_checkpoints)),
-        datasets={"train": training_dataset(plan.files)},
-        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=_ordered_ingest()),
     )
     try:
         result = trainer.fit()

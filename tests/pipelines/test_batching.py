@@ -29,7 +29,7 @@ def test_weights_follow_the_ramp():
 
 
 def make_packer(rows, mixture, rank=0, world=1, holdout=0, max_tokens=1500) -> Packer:
-    streams = GroupStreams(lambda: iter(rows), {k: g.tasks for k, g in mixture.groups.items()}, rank, world, holdout)
+    streams = GroupStreams(rows, {k: g.tasks for k, g in mixture.groups.items()}, rank, world, holdout)
     return Packer(streams, mixture, SequenceBuilder(ByteTokenizer()), TINY, max_tokens, seed=3, rank=rank)
 
 
@@ -56,12 +56,12 @@ def test_workers_split_rows_and_hold_out_validation_rows(row_factory):
     groups = {"gen": ("t2i",)}
     seen = []
     for rank in range(2):
-        s = GroupStreams(lambda: iter(rows), groups, rank, 2, holdout=2)
+        s = GroupStreams(rows, groups, rank, 2, holdout=2)
         seen.append([s.take("gen")["sample_id"] for _ in range(2)])
         assert [r["sample_id"] for r in s.holdout_rows()] == ["t2i-0-0", "t2i-0-1"]
     assert seen == [["t2i-0-2", "t2i-0-4"], ["t2i-0-3", "t2i-0-5"]]
     # epochs wrap around: the third row of rank 0 is the first again
-    s = GroupStreams(lambda: iter(rows), groups, 0, 2, holdout=2)
+    s = GroupStreams(rows, groups, 0, 2, holdout=2)
     assert [s.take("gen")["sample_id"] for _ in range(3)] == ["t2i-0-2", "t2i-0-4", "t2i-0-2"]
 
 
@@ -126,7 +126,7 @@ def test_packing_from_stored_ids_equals_packing_from_text(row_factory):
     config = LanceConfig.from_preset("tiny", caption_dropout=0.3, condition_dropout=0.3)
 
     def packer(source, tok):
-        streams = GroupStreams(lambda: iter(source), {k: g.tasks for k, g in mixture.groups.items()})
+        streams = GroupStreams(source, {k: g.tasks for k, g in mixture.groups.items()})
         return Packer(streams, mixture, SequenceBuilder(tok), config, 1500, seed=5)
 
     stored_tok, text_tok = TextSpy(), TextSpy()
@@ -158,6 +158,6 @@ def test_stored_ids_are_what_gets_packed(row_factory):
 
 def test_per_group_holdout(row_factory):
     rows = row_factory(4)
-    s = GroupStreams(lambda: iter(rows), {"gen": ("t2i",), "und": ("i2t",)}, 0, 1, holdout={"gen": 3, "und": 0})
+    s = GroupStreams(rows, {"gen": ("t2i",), "und": ("i2t",)}, 0, 1, holdout={"gen": 3, "und": 0})
     assert [r["sample_id"] for r in s.holdout_rows()] == ["t2i-0-0", "t2i-0-1", "t2i-0-2"]
     assert s.take("gen")["sample_id"] == "t2i-0-3" and s.take("und")["sample_id"] == "i2t-0-0"
