@@ -87,6 +87,20 @@ def _as_uint64(phash: int) -> int:
     return phash & ((1 << 64) - 1)
 
 
+def _as_uint64_array(phashes: Iterable[int]) -> np.ndarray:
+    """Many hashes (signed or unsigned 64-bit ints, or an int64/uint64 array) as a uint64 array."""
+    if isinstance(phashes, np.ndarray) and phashes.dtype in (np.int64, np.uint64):
+        return phashes.astype(phashes.dtype, copy=True).view(np.uint64)
+    items = list(phashes)
+    if all(type(h) is int for h in items):  # fast path; bool/float/str go through the named checks
+        for dtype in (np.int64, np.uint64):
+            try:
+                return np.array(items, dtype=dtype).view(np.uint64)
+            except OverflowError:
+                continue
+    return np.array([_as_uint64(h) for h in items], dtype=np.uint64)
+
+
 # ------------------------------------------------------------------------------- the band index
 @dataclass(frozen=True)
 class BandPlan:
@@ -104,10 +118,10 @@ def _ball(width: int, radius: int) -> int:
     return sum(math.comb(width, i) for i in range(min(radius, width) + 1))
 
 
-# Costs in units of one hash of a linear scan (vectorised popcount), measured on CPU with
-# benchmarks/bench_dedup.py: an index lookup's fixed overhead (a dozen numpy calls), a probed band
-# value (two binary searches) and a candidate (gathered, de-duplicated, compared).
-LOOKUP_COST = 600.0
+# Costs in units of one hash of a linear scan (vectorised popcount), from benchmarks/bench_dedup.py
+# on CPU: an index lookup's fixed overhead (a dozen numpy calls, about a 5,000-hash scan), a probed
+# band value (two binary searches) and a candidate (gathered, de-duplicated, compared).
+LOOKUP_COST = 5000.0
 PROBE_COST = 3.0
 CANDIDATE_COST = 3.0
 MAX_PROBES = 1 << 16  # never enumerate more probe values than this per lookup
@@ -208,7 +222,7 @@ class NearDuplicateIndex:
 
     def extend(self, phashes: Iterable[int]) -> None:
         """Add many hashes (ids continue from len(self)); the index is rebuilt once."""
-        values = np.array([_as_uint64(h) for h in phashes], dtype=np.uint64)
+        values = _as_uint64_array(phashes)
         self._reserve(len(values))
         self._hashes[self._n:self._n + len(values)] = values
         self._n += len(values)
