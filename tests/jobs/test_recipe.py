@@ -1,0 +1,121 @@
+"""`lance-pipeline recipe` on the text-rendering recipe: every config validates; a 2-step run of
+each stage on a tiny corpus passes end to end on CPU, writes the evaluation files with values in
+range, and a second invocation skips the finished stages."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs.recipe import STAGES, load_recipe, parse_stages
+from jobs.errors import UsageError
+from lance_platform.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = REPO / "configs" / "recipes" / "text_rendering" / "recipe.yaml"
+# Everything shrunk: 24 + 12 rows of 32 x 32 from 40 words (4 held out), the tiny preset, 2 steps.
+TINY = [
+    "evaluation.words=4", "evaluation.steps=2", "evaluation.batch_size=4", "evaluation.grid=4",
+    "evaluation.device=cpu", "tracking=false",
+    "curate.synthetic.images=24", "curate.synthetic.qa=12", "curate.synthetic.vocabulary=40",
+    "curate.synthetic.heldout=4", "curate.synthetic.height=32", "curate.synthetic.width=32",
+    "curate.model.preset=tiny", "curate.buckets.vae_image_area=1024", "curate.buckets.vit_image_area=3136",
+    "curate.encode.vae_batch_size=8", "curate.encode.vit_batch_size=8", "curate.encode.read_batch_size=8",
+    "curate.encode.vae_actors=1", "curate.encode.vit_actors=1", "curate.encode.actor_num_cpus=0.5",
+    "curate.encode.torch_threads=1", "curate.output.target_shard_bytes=4194304",
+    *[f"{s}.{kv}" for s in ("pt", "sft") for kv in (
+        "model.preset=tiny", "steps=2", "data.max_tokens=2048", "data.holdout_per_group=1", "scaling.use_gpu=false",
+        "scaling.cpus_per_worker=1.0", "checkpoint_every=0", "validation.every=0", "validation.samples=0",
+        "log_every=1")],
+    "rl.policy.preset=tiny", "rl.policy.device=cpu", "rl.steps=2", "rl.checkpoint_every=1", "rl.eval_every=0",
+    "rl.rollout.height=32", "rl.rollout.width=32", "rl.rollout.prompts_per_step=2", "rl.rollout.group_size=2",
+    "rl.rollout.steps=2", "rl.rollout.microbatch=4", "rl.rollout.eval_steps=2", "rl.reward.num_actors=1",
+    "rl.reward.num_cpus=0.5",
+]
+
+
+def test_recipe_configs_validate(tmp_path):
+    cfg = load_recipe(RECIPE, [f"workdir={tmp_path}"])
+    spec = cfg.curate.sources[0].synthetic
+    assert spec.images + spec.qa >= 20_000 and spec.vocabulary >= 2000 and spec.heldout > 0
+    assert [s.name for s in cfg.stages] == ["pt", "sft"]
+    assert all(s.model.preset == "nano" for s in cfg.stages) and cfg.rl.policy.preset == "nano"
+    assert cfg.stages[0].data.shards == str(tmp_path / "curated")
+    assert cfg.rl.policy.checkpoint == str(tmp_path / "sft" / "final")
+    assert cfg.rl.prompts.eval_file == str(tmp_path / "rl" / "heldout_prompts.txt")
+    held = cfg.heldout.sources[0].synthetic
+    assert (held.split, held.images, held.qa, held.videos, held.edits) == ("heldout", 200, 200, 0, 0)
+    assert cfg.heldout.output.dir == str(tmp_path / "heldout") and not cfg.heldout.tracking.enabled
+
+
+def test_recipe_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"pt\.optim\.lr"):
+        load_recipe(RECIPE, [f"workdir={tmp_path}", "pt.optim.lr=fast"])
+    with pytest.raises(ConfigError, match=r"curate\.synthetic\.backgrounds"):
+        load_recipe(RECIPE, [f"workdir={tmp_path}", "curate.synthetic.backgrounds=[stripes]"])
+    with pytest.raises(ConfigError, match="evaluation.words"):
+        load_recipe(RECIPE, [f"workdir={tmp_path}", "evaluation.words=0"])
+    with pytest.raises(ConfigError, match="synthetic.heldout"):
+        load_recipe(RECIPE, [f"workdir={tmp_path}", "curate.synthetic.heldout=0"])
+    assert parse_stages("rl, curate") == ("curate", "rl")
+    with pytest.raises(UsageError, match="--stages"):
+        parse_stages("curate,ct")
+
+
+def recipe(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "recipe", "--config", str(RECIPE), *extra,
+                           f"workdir={workdir}", *TINY], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, f"recipe failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+@pytest.mark.slow
+def test_recipe_runs_every_stage_and_resumes(tmp_path):
+    start = time.time()
+    recipe(tmp_path, "--stages", "curate,pt")
+    assert sorted(p.stem for p in (tmp_path / "stages").glob("*.json")) == ["curate", "pt"]
+    recipe(tmp_path)  # the rest; curate and pt are skipped
+    first = time.time() - start
+
+    held = json.loads((tmp_path / "curated" / "heldout_words.json").read_text())
+    assert len(held["words"]) == 4
+    prompts = (tmp_path / "rl" / "heldout_prompts.txt").read_text().splitlines()
+    assert prompts == [f'a sign that says "{w}"' for w in held["words"]]
+    train_words = {line.split('"')[1] for line in (tmp_path / "rl" / "train_prompts.txt").read_text().splitlines()}
+    assert len(train_words) == 36 and not train_words & set(held["words"])
+
+    results = json.loads((tmp_path / "recipe_results.json").read_text())
+    assert [r["stage"] for r in results["stages"]] == list(STAGES)
+    assert results["evaluated_words"] == 4
+    for row in results["stages"]:
+        assert row["finished"] and row["seconds"] > 0
+        if row["stage"] == "curate":
+            continue
+        for key in ("t2i_ocr_accuracy", "t2i_ocr_exact", "i2t_exact_match"):
+            assert 0.0 <= row[key] <= 1.0, (row["stage"], key, row[key])
+        ev = json.loads((tmp_path / "eval" / f"{row['stage']}.json").read_text())
+        assert (ev["t2i_samples"], ev["i2t_samples"], ev["image_size"]) == (4, 4, [32, 32])
+        assert ev["sampler"] == {"steps": 2, "cfg_scale": 4.5, "ode": True}
+    rl = json.loads((tmp_path / "stages" / "rl.json").read_text())
+    assert rl["iterations"] == 2 and rl["groups"] == 4
+    table = (tmp_path / "recipe_results.md").read_text()
+    assert all(f"| {s} |" in table for s in STAGES)
+    grid = np.asarray(Image.open(tmp_path / "grpo_before_after.png"))
+    assert grid.shape == (64, 4 * 32, 3)
+    assert np.array_equal(grid[:32], np.asarray(Image.open(tmp_path / "samples_sft.png")))
+
+    markers = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "stages").glob("*.json")}
+    again = time.time()
+    proc = recipe(tmp_path)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "stages").glob("*.json")} == markers
+    assert proc.stdout.count("already finished") + proc.stderr.count("already finished") == 4
+    assert time.time() - again < first
