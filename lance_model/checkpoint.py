@@ -21,8 +21,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -347,37 +350,56 @@ def fill_from_qwen25vl(model: torch.nn.Module, mapped: dict[str, torch.Tensor], 
 
 
 # ---------------------------------------------------------------------------------------- sliced reading
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
 @dataclass(frozen=True)
 class TensorRef:
-    """Where one tensor lives: a safetensors file, its key there, its shape."""
+    """Where one tensor lives: a safetensors file, its key there, its shape and dtype, and the byte
+    offset of its data in the file."""
 
     file: str
     key: str
     shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+    offset: int = 0
 
 
 class SlicedReader:
-    """Reads tensors, or ranges of their first dimension, straight from safetensors files (only the
-    bytes asked for; files stay open until `close`), so a rank can fill its shard of a parameter
-    without holding the whole tensor."""
+    """Reads tensors, or ranges of their first dimension, from safetensors files with plain reads of
+    just those bytes (no memory map, so nothing else of the file enters this process's memory);
+    files stay open until `close`. A rank fills its shard of a parameter without the whole tensor."""
 
     def __init__(self) -> None:
-        self._handles: dict[str, object] = {}
-
-    def _open(self, file: str):
-        if file not in self._handles:
-            self._handles[file] = safe_open(file, framework="pt", device="cpu")
-        return self._handles[file]
+        self._files: dict[str, Any] = {}
 
     def rows(self, ref: TensorRef, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """Rows [start, stop) of the tensor (all of it when both are None; 0-dim tensors whole)."""
-        handle = self._open(ref.file)
-        if start is None and stop is None or not ref.shape:
-            return handle.get_tensor(ref.key)
-        return handle.get_slice(ref.key)[start:stop]
+        n = ref.shape[0] if ref.shape else 1
+        start = 0 if start is None or not ref.shape else start
+        stop = n if stop is None or not ref.shape else stop
+        if not 0 <= start <= stop <= n:
+            raise CheckpointError(f"{ref.file}: rows {start}:{stop} of {ref.key} {ref.shape} do not exist")
+        inner = tuple(ref.shape[1:])
+        row_bytes = math.prod(inner) * torch.empty((), dtype=ref.dtype).element_size()
+        if ref.file not in self._files:
+            self._files[ref.file] = open(ref.file, "rb")  # noqa: SIM115 (closed by close())
+        f = self._files[ref.file]
+        buf = bytearray((stop - start) * row_bytes)
+        f.seek(ref.offset + start * row_bytes)
+        if f.readinto(buf) != len(buf):
+            raise CheckpointError(f"{ref.file}: {ref.key} ends before its data (file truncated?)")
+        shape = (stop - start, *inner) if ref.shape else ()
+        if not buf:
+            return torch.empty(shape, dtype=ref.dtype)
+        return torch.frombuffer(buf, dtype=ref.dtype).reshape(shape)
 
     def close(self) -> None:
-        self._handles.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
     def __enter__(self) -> SlicedReader:
         return self
@@ -387,14 +409,38 @@ class SlicedReader:
 
 
 def index_safetensors(path: str | Path) -> dict[str, TensorRef]:
-    """Key -> `TensorRef` of every tensor of a safetensors file (the header only is read)."""
+    """Key -> `TensorRef` of every tensor of a safetensors file (only its header is read); a header
+    whose entries do not fit the file is a `CheckpointError` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: sharded loading reads safetensors files only")
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        return {k: TensorRef(str(path), k, tuple(f.get_slice(k).get_shape())) for k in f.keys()}  # noqa: SIM118
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        raw = f.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise CheckpointError(f"{path}: not a safetensors file (no header)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: safetensors header does not parse ({exc})") from exc
+    refs = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: bad header entry for {key!r} ({exc})") from exc
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if end - begin != nbytes or 8 + n + end > size:
+            raise CheckpointError(f"{path}: {key!r} {shape} {info['dtype']} does not fit its bytes {begin}:{end}")
+        refs[key] = TensorRef(str(path), key, shape, dtype, 8 + n + begin)
+    return refs
 
 
 def index_pretrained(directory: str | Path, weights: str = "auto", vit_weights: str | Path | None = None

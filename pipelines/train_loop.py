@@ -42,7 +42,7 @@ from lance_model.checkpoint import (
     qwen25vl_sources,
     reset_buffers,
 )
-from lance_model.heads import sincos_3d_table
+from lance_model.heads import sincos_1d
 from lance_model.model import init_tensor
 from lance_model.sequence import SequenceBuilder
 from lance_model.tokenizer import load_tokenizer
@@ -107,6 +107,20 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") & (2 ** 63 - 1)
 
 
+def position_table_rows(frames: int, size: int, hidden: int, start: int, stop: int,
+                        chunk: int = 512) -> torch.Tensor:
+    """Rows [start, stop) of `lance_model.heads.sincos_3d_table` (the same values), computed a chunk of
+    rows at a time: a rank never builds the whole table, nor its float64 intermediates."""
+    d = (hidden // 3) // 2 * 2
+    dims = (d, d, hidden - 2 * d)
+    out = torch.empty(max(stop - start, 0), hidden)
+    for a in range(start, stop, chunk):
+        rows = torch.arange(a, min(a + chunk, stop))
+        axes = (rows // (size * size), rows // size % size, rows % size)
+        out[a - start:a - start + len(rows)] = torch.cat([sincos_1d(n, x) for n, x in zip(dims, axes)], dim=1).float()
+    return out
+
+
 def fill_model(model: Lance, source: ModelSource, device: torch.device) -> list[str]:
     """Give every parameter of `model` (after `to_empty`, sharded or not) its value, tensor by
     tensor: read from the checkpoint (only this rank's rows), or a random init made one full tensor
@@ -134,7 +148,7 @@ def fill_model(model: Lance, source: ModelSource, device: torch.device) -> list[
     with SlicedReader() as reader:
         def value(name: str, shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
             if name == POS_EMBED_KEY:
-                return sincos_3d_table(pe.frames, pe.size, pe.hidden)[start:stop]
+                return position_table_rows(pe.frames, pe.size, pe.hidden, start, stop)
             if name in refs:
                 return reader.rows(refs[name], start, stop)
             full = torch.empty(shape)
