@@ -14,6 +14,11 @@ worker's data state, and the manifests. Nothing is unpickled on resume. A worker
 checkpoint that does not verify falls back to the newest one that does, naming the bad file in
 the log and in the stage's MLflow run (`resume_fallback` tag); loading is strict.
 Rank 0 alone writes to MLflow, reopening the stage's run by id after a restart.
+
+The model is built on the meta device and wrapped there; every rank then fills only its own FSDP2
+shards, tensor by tensor (`build_model`, `fill_model`); restoring reads the model and EMA the same
+way. Each worker reads only its dealt rows of the shards and packs ahead of the step in a thread
+(`pipelines.batching`); a checkpoint written by another number of workers re-splits the data.
 """
 from __future__ import annotations
 
