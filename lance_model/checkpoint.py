@@ -304,16 +304,22 @@ def config_from_qwen25vl(directory: Path, base: LanceConfig | None = None) -> La
     return config.validate()
 
 
-def read_qwen25vl(directory: str | Path, config: LanceConfig | None = None, device: str | torch.device = "cpu"
-                  ) -> tuple[LanceConfig, dict[str, torch.Tensor], list[str]]:
-    """(Lance config, tensors mapped to Lance keys, source keys Lance does not use) of a Qwen2.5-VL
-    checkpoint directory; `Lance.from_qwen25vl` builds the model and calls `fill_from_qwen25vl`."""
-    directory = Path(directory)
+def qwen25vl_config(directory: Path, config: LanceConfig | None = None) -> LanceConfig:
+    """The Lance config of a Qwen2.5-VL checkpoint directory (its tokenizer when it ships one)."""
     if not directory.is_dir():
         raise FileNotFoundError(f"Qwen2.5-VL checkpoint directory not found: {directory}")
     config = config_from_qwen25vl(directory, config)
     if (directory / "tokenizer.json").is_file() or (directory / "vocab.json").is_file():
         config.tokenizer = str(directory)
+    return config
+
+
+def read_qwen25vl(directory: str | Path, config: LanceConfig | None = None, device: str | torch.device = "cpu"
+                  ) -> tuple[LanceConfig, dict[str, torch.Tensor], list[str]]:
+    """(Lance config, tensors mapped to Lance keys, source keys Lance does not use) of a Qwen2.5-VL
+    checkpoint directory; `Lance.from_qwen25vl` builds the model and calls `fill_from_qwen25vl`."""
+    directory = Path(directory)
+    config = qwen25vl_config(directory, config)
     mapped: dict[str, torch.Tensor] = {}
     dropped = []
     for k, v in read_directory_tensors(directory, device).items():
@@ -468,11 +474,7 @@ def index_qwen25vl(directory: str | Path, config: LanceConfig | None = None
     """Like `read_qwen25vl`, without reading any tensor: (Lance config, Lance key -> `TensorRef`,
     source keys Lance does not use). `qwen25vl_sources` adds the gen-expert twins and the head."""
     directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"Qwen2.5-VL checkpoint directory not found: {directory}")
-    config = config_from_qwen25vl(directory, config)
-    if (directory / "tokenizer.json").is_file() or (directory / "vocab.json").is_file():
-        config.tokenizer = str(directory)
+    config = qwen25vl_config(directory, config)
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {directory}")
