@@ -88,8 +88,20 @@ def filter_reason(s: ItemStats, cfg: FilterConfig) -> str | None:
 
 
 def filter_detail(s: ItemStats, cfg: FilterConfig, reason: str) -> str | None:
-    """What the quarantine table says about a removal by one of the filters whose value is not a
-    column of the shard."""
+    """What the quarantine table says about a removal by a filter: the measured value and the
+    limits it failed (a filtered item has no shard row to look it up in)."""
+    if reason == "resolution":
+        return f"{s.width}x{s.height} (min side {cfg.min_side}, max side {cfg.max_side})"
+    if reason == "aspect":
+        return f"aspect {max(s.height, s.width) / min(s.height, s.width):.2f} (max {cfg.max_aspect})"
+    if reason == "duration":
+        return f"{s.duration:.2f} s (min {cfg.min_seconds}, max {cfg.max_seconds})"
+    if reason == "caption_length":
+        return f"{s.caption_chars} characters (min {cfg.min_caption_chars}, max {cfg.max_caption_chars})"
+    if reason == "blur":
+        return f"blur score {s.blur:.2f} (min {cfg.min_blur})"
+    if reason == "static":
+        return f"motion score {s.motion:.3f} (min {cfg.min_motion})"
     if reason == "caption_language":
         return (f"letters by script {dict(sorted(s.caption_letters.items()))}: "
                 f"{script_fraction(s.caption_letters, cfg.caption_scripts):.2f} in {list(cfg.caption_scripts)} "

@@ -172,6 +172,8 @@ def decode_video(data: bytes, target_fps: float, max_seconds: float,
     try:
         reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0))
         source_frames, fps = len(reader), float(reader.get_avg_fps())
+        if source_frames < 2:  # no motion to measure: a clip, not a "static" video
+            raise MediaError("too_short", f"{source_frames} frame: a video needs at least 2")
         indices = sample_frame_indices(source_frames, fps, target_fps, max_seconds)
         first = reader.get_batch(indices[:1].tolist()).asnumpy()
         _check_pixels(first.shape[2], first.shape[1], max_pixels, "video frame")

@@ -165,3 +165,19 @@ def test_inspect_text_density_filter_only_when_asked(tmp_path, folder_config, mo
     monkeypatch.setattr("data_curation.stages.text_density", no_ocr)
     rows = inspect_folder(folder_config(tmp_path / "corpus", tmp_path / "out"))
     assert all(r["status"] == "ok" for r in rows.values())
+
+
+@pytest.mark.parametrize(("reason", "cfg", "changes", "expected"), [
+    ("resolution", FilterConfig(min_side=128), {}, "96x64 (min side 128, max side 0)"),
+    ("aspect", FilterConfig(max_aspect=1.2), {}, "aspect 1.50 (max 1.2)"),
+    ("duration", FilterConfig(min_seconds=2.0), {"is_video": True, "duration": 1.25}, "1.25 s (min 2.0, max 0.0)"),
+    ("caption_length", FilterConfig(min_caption_chars=100), {}, "characters (min 100, max 0)"),
+    ("blur", FilterConfig(min_blur=50.0), {"blur": 12.345}, "blur score 12.35 (min 50.0)"),
+    ("static", FilterConfig(min_motion=1.0), {"is_video": True, "motion": 0.0421}, "motion score 0.042 (min 1.0)"),
+])
+def test_every_filter_puts_its_measured_value_in_the_quarantine_detail(reason, cfg, changes, expected):
+    import dataclasses
+
+    s = dataclasses.replace(stats(CAPTIONS["en"]), height=64, width=96, **changes)
+    assert filter_reason(s, cfg) == reason
+    assert expected in filters.filter_detail(s, cfg, reason)

@@ -116,3 +116,12 @@ def test_slot_copies_follow_the_shard_contract():
     assert slot_copies("t2i", "target") == (True, False)
     assert slot_copies("i2i", "source") == (True, True)
     assert slot_copies("i2t", "source") == (False, True)
+
+
+def test_a_one_frame_video_is_too_short_not_static():
+    one = encode_video(render_moving_video("GO", 64, 64, 1, seed=1), fps=12)
+    with pytest.raises(MediaError) as err:
+        decode_video(one, target_fps=12, max_seconds=5)
+    assert err.value.reason == "too_short" and "1 frame" in str(err.value)
+    two = decode_video(encode_video(render_moving_video("GO", 64, 64, 2, seed=1), fps=12), target_fps=12, max_seconds=5)
+    assert two.source_frames == 2
