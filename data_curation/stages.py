@@ -48,14 +48,17 @@ log = logging.getLogger(__name__)
 
 EMPTY_FRAMES = np.zeros((0, 0, 0, 3), dtype=np.uint8)
 EDIT_TASKS = ("i2i", "v2v")
+I2V = "i2v"
 
 
 def slot_copies(task: str, slot: str) -> tuple[bool, bool]:
     """(needs a VAE copy, needs a ViT copy) of `slot` for `task`: generated targets are VAE latents,
-    understanding inputs are ViT tokens, and edit sources are both (DATA.md §3)."""
+    understanding inputs are ViT tokens, edit sources are both (DATA.md §3), and an i2v source (the
+    first frame) is a VAE latent: the clean first latent frame of the target, which the sequence
+    renders with no ViT block of its own (MODEL.md §9)."""
     if slot == "target":
         return task not in UNDERSTANDING_TASKS, False
-    return task in EDIT_TASKS, task in EDIT_TASKS or task in UNDERSTANDING_TASKS
+    return task in EDIT_TASKS or task == I2V, task in EDIT_TASKS or task in UNDERSTANDING_TASKS
 
 
 def pack_ints(values) -> bytes:
@@ -115,8 +118,10 @@ def load_item(fetcher: Fetcher, item: dict, cfg: CurationConfig) -> LoadedItem:
     understanding = task in UNDERSTANDING_TASKS
     max_seconds = cfg.decode.understanding_max_seconds if understanding else cfg.decode.max_seconds
     limit = cfg.checks.max_caption_chars
-    text = {"caption": decode_text(fetched.text["caption"], "caption", not understanding, limit),
-            "question": decode_text(fetched.text["question"], "question", understanding, limit),
+    caption = decode_text(fetched.text["caption"], "caption", not understanding, limit)
+    # x2t: the caption is the instruction (official `caption_i`); with one, the question may be empty
+    text = {"caption": caption,
+            "question": decode_text(fetched.text["question"], "question", understanding and caption is None, limit),
             "answer": decode_text(fetched.text["answer"], "answer", understanding, limit)}
     visuals = {}
     for slot, (data, kind) in fetched.media.items():
@@ -205,9 +210,12 @@ class PrepareStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return to_batch([self.prepare(item) for item in rows_of(batch)], PREPARE_COLUMNS)
 
-    def copies(self, decoded: Decoded, is_video: bool, vae: bool, vit: bool) -> tuple[str, np.ndarray, np.ndarray]:
+    def copies(self, decoded: Decoded, is_video: bool, vae: bool, vit: bool,
+               bucket: str | None = None) -> tuple[str, np.ndarray, np.ndarray]:
+        """(bucket, VAE copy, ViT copy) of one visual; `bucket` forces the bucket (else the nearest
+        aspect ratio's). `is_video` is the item's main visual's kind: it picks the areas."""
         b = self.cfg.buckets
-        bucket = choose_bucket(decoded.height, decoded.width, b.names)
+        bucket = bucket or choose_bucket(decoded.height, decoded.width, b.names)
         out = []
         for wanted, area, stride in ((vae and self.cfg.encode.vae, b.vae_video_area if is_video else b.vae_image_area,
                                       self.vae_stride),
@@ -228,15 +236,26 @@ class PrepareStage:
             return {**row, "status": "quarantined", "reason": "changed_during_run",
                     "detail": f"content hash {loaded.sample_id} != {item['sample_id']} from the inspect pass"}
         row.update(loaded.text)
-        for slot, decoded in loaded.visuals.items():
-            bucket, vae_in, vit_in = self.copies(decoded, loaded.is_video, *slot_copies(task, slot))
+        main = main_slot(task)
+        visuals = dict(loaded.visuals)
+        if task == I2V and "source" not in visuals:  # the first frame of the clip is the i2v condition
+            first = visuals[main]
+            visuals["source"] = Decoded(first.frames[:1], fps=0.0, source_frames=1, duration=0.0)
+        main_bucket = None
+        for slot in sorted(visuals, key=lambda s: s != main):  # the main visual first: it sets the bucket
+            decoded = visuals[slot]
+            # an i2v source takes the target's bucket and size, so its latent is the target's first frame
+            bucket, vae_in, vit_in = self.copies(decoded, loaded.is_video, *slot_copies(task, slot),
+                                                 bucket=main_bucket if task == I2V else None)
+            if slot == main:
+                main_bucket = bucket
             row[f"{slot}_vae_in"], row[f"{slot}_vit_in"] = vae_in, vit_in
             if self.cfg.output.store_pixels:
                 shown = vae_in if vae_in.size else vit_in
                 is_video = decoded.duration > 0  # decoded from a video (an image has no duration)
                 row[f"{slot}_pixels"] = (encode_pixels(shown, is_video, decoded.fps or self.cfg.decode.target_fps)
                                          if shown.size else None)
-            if slot == main_slot(task):
+            if slot == main:
                 shown = vae_in if vae_in.size else vit_in
                 row.update(bucket=bucket, height=shown.shape[1], width=shown.shape[2], num_frames=len(decoded.frames),
                            fps=decoded.fps, blur_score=blur_score(decoded.frames),
