@@ -265,7 +265,9 @@ def render_item(spec: dict, item: dict):
         text["caption"] = edit_caption(item["other"]).encode()
     elif kind == "qa":
         media = {"source": (encode_image(_render_image(spec, word, seed)), "image")}
-        text.update(caption=image_caption(word).encode(), question=question.encode(), answer=word.encode())
+        # no caption: an x2t row's caption is its instruction (the system prompt), and one naming the word
+        # would hand the model the answer
+        text.update(question=question.encode(), answer=word.encode())
     else:
         media = {"target": (encode_image(_render_image(spec, word, seed)), "image")}
         text["caption"] = image_caption(word).encode()

@@ -105,9 +105,11 @@ class Visual:
 class Sample:
     """One training/inference sample. `source`: edit source, i2v first frame, x2t input, subject reference.
 
-    `caption_ids` / `answer_ids`: the caption's and the answer's token ids when they were tokenized
-    ahead (curated shards store them); the builder then uses them instead of encoding the text,
-    which stays for display. They must come from the builder's tokenizer."""
+    `caption_ids` / `answer_ids` / `system_ids`: the caption's, the answer's and the system prompt's
+    token ids when they were tokenized ahead (curated shards store them); the builder then uses them
+    instead of encoding the text, which stays for display. They must come from the builder's
+    tokenizer. `system`: the system prompt (None: the task's default, `system_prompt`); an x2t
+    sample's instruction goes here."""
 
     task: str
     caption: str = ""
@@ -117,6 +119,7 @@ class Sample:
     system: str | None = None
     caption_ids: list[int] | None = None
     answer_ids: list[int] | None = None
+    system_ids: list[int] | None = None
 
     def validate(self) -> None:
         if self.task not in TASKS:
@@ -186,8 +189,12 @@ class SequenceBuilder:
         unconditional CFG branches (caption removed / visual condition removed)."""
         sample.validate()
         task = sample.task
-        system = sample.system if sample.system is not None else system_prompt(task, rng)
-        splits = [self._text(f"{IM_START}system\n{system}{IM_END}\n{IM_START}user\n")]
+        if sample.system_ids is not None:
+            head, tail = self.tok.encode(f"{IM_START}system\n"), self.tok.encode(f"{IM_END}\n{IM_START}user\n")
+            splits = [self._text("", ids=[*head, *sample.system_ids, *tail])]
+        else:
+            system = sample.system if sample.system is not None else system_prompt(task, rng)
+            splits = [self._text(f"{IM_START}system\n{system}{IM_END}\n{IM_START}user\n")]
         src = sample.source
         if not drop_condition and src is not None:
             if task in ("image_edit", "video_edit", "subject", "i2t", "v2t") and src.vit_grid is not None:

@@ -268,7 +268,13 @@ def _ids(row: dict[str, Any], name: str) -> list[int] | None:
 
 def row_to_sample(row: dict[str, Any]) -> Sample:
     """A shard row -> `lance_model.sequence.Sample`, carrying the stored token ids of its text
-    (a row without `*_ids`, e.g. one written by hand, leaves them to the builder's tokenizer)."""
+    (a row without `*_ids`, e.g. one written by hand, leaves them to the builder's tokenizer).
+
+    i2t / v2t: as the official x2t data path builds its prompt, the row's `caption` (the instruction,
+    official `caption_i`) is the system prompt, the `question` (`caption_q`, may be empty) the user
+    text after the visual and the `answer` (`caption_a`) the target; a row without an instruction
+    keeps the model's default caption prompt. i2v: the target's first latent frame is clean and
+    `source` holds the first frame's latent."""
     task = row["task"]
     if task not in MODEL_TASK:
         raise ValueError(f"shard row {row.get('sample_id')}: task={task!r}, expected one of {SHARD_TASKS}")
@@ -276,8 +282,10 @@ def row_to_sample(row: dict[str, Any]) -> Sample:
     target, source = row_visual(row, "target"), row_visual(row, "source")
     if model_task in ("i2t", "v2t"):
         answer_ids = _ids(row, "answer") if row.get("answer") is not None else None
+        instruction = row.get("caption") or None
         return Sample(model_task, row.get("question") or "", answer=row.get("answer"), source=source or target,
-                      caption_ids=_ids(row, "question"), answer_ids=answer_ids)
+                      system=instruction, caption_ids=_ids(row, "question") if row.get("question") else None,
+                      answer_ids=answer_ids, system_ids=_ids(row, "caption") if instruction else None)
     if model_task == "i2v" and target is not None:
         target.clean_frames = 1
     return Sample(model_task, row.get("caption") or "", target=target, source=source,

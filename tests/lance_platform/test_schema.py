@@ -55,3 +55,51 @@ def test_reader_refuses_unknown_schema_version(tmp_path):
     pq.write_table(table.replace_schema_metadata({VERSION_KEY: b"99"}), path)
     with pytest.raises(SchemaVersionError, match=rf"version 99 .*reader version {SCHEMA_VERSION}"):
         read_shard(path)
+
+
+def _x2t_row(**text) -> dict:
+    vit = torch.randn(4, 64)
+    return {"sample_id": "q", "task": "i2t", "source_vit_tokens": tensor_to_bytes(vit), "source_vit_shape": [4, 64],
+            "source_vit_grid": [1, 4, 4], **text}
+
+
+def test_x2t_instruction_becomes_the_system_prompt_with_its_ids():
+    from lance_model.sequence import CAPTION, SequenceBuilder
+    from lance_model.tokenizer import IM_END, IM_START, load_tokenizer
+
+    tok = load_tokenizer("byte")
+    instruction, question = "Read the sign.", "What does it say?"
+    row = _x2t_row(caption=instruction, caption_ids=tok.encode(instruction), question=question,
+                   question_ids=tok.encode(question), answer="OPEN", answer_ids=tok.encode("OPEN"))
+    sample = row_to_sample(row)
+    assert (sample.system, sample.system_ids) == (instruction, tok.encode(instruction))
+    assert (sample.caption, sample.caption_ids) == (question, tok.encode(question))
+    rendered = SequenceBuilder(tok).render(sample)
+    assert rendered.splits[0].text_ids == tok.encode(f"{IM_START}system\n{instruction}{IM_END}\n{IM_START}user\n")
+    assert [s.text_ids for s in rendered.splits if s.modality == CAPTION] == [tok.encode(question)]
+    # ids stored by another tokenizer run are used as they are, not re-encoded from the text
+    odd = row_to_sample({**row, "caption_ids": [7, 8, 9]})
+    head = SequenceBuilder(tok).render(odd).splits[0].text_ids
+    assert head == [*tok.encode(f"{IM_START}system\n"), 7, 8, 9, *tok.encode(f"{IM_END}\n{IM_START}user\n")]
+
+
+def test_x2t_empty_question_and_missing_instruction():
+    only_instruction = row_to_sample(_x2t_row(caption="Describe it.", question=None, answer="x"))
+    assert only_instruction.system == "Describe it." and only_instruction.caption == ""
+    assert only_instruction.caption_ids is None and only_instruction.system_ids is None  # no stored ids
+    plain = row_to_sample(_x2t_row(question="q?", question_ids=[1, 2], answer="x"))
+    assert plain.system is None and plain.system_ids is None and plain.caption_ids == [1, 2]
+
+
+def test_i2v_row_carries_the_source_latent_as_the_clean_first_frame():
+    from lance_model.generation import _clean_frames
+
+    target, first = torch.randn(3, 4, 6, 8), torch.randn(1, 4, 6, 8)  # stored [t, h, w, c]
+    row = {"sample_id": "v", "task": "i2v", "caption": "waves", "target_vae_latent": tensor_to_bytes(target),
+           "target_vae_shape": [3, 4, 6, 8], "source_vae_latent": tensor_to_bytes(first),
+           "source_vae_shape": [1, 4, 6, 8]}
+    sample = row_to_sample(row)
+    assert sample.task == "i2v" and sample.target.clean_frames == 1 and sample.target.latent_shape == (3, 4, 6)
+    n, clean = _clean_frames(sample)
+    expected = first.to(torch.bfloat16).float().permute(3, 0, 1, 2).flatten(1).transpose(0, 1)
+    assert n == 1 and torch.equal(clean, expected)
