@@ -539,6 +539,7 @@ def _steps(stage: StageConfig, model: Lance, model_config: LanceConfig, ahead: P
 
     o = stage.optim
     last_metrics: dict[str, float] = {}
+    progress_every = max(1, stage.steps // 10)
     for step in range(start, stage.steps):
         t0 = time.perf_counter()
         batch, stats, data_state, skipped_total = ahead.get(step)
@@ -577,6 +578,10 @@ def _steps(stage: StageConfig, model: Lance, model_config: LanceConfig, ahead: P
                 world * stage.scaling.peak_tflops * 1e12)
         if tracker is not None and (step % stage.log_every == 0 or step == stage.steps - 1):
             tracker.log_metrics(last_metrics, step=step)
+        if rank == 0 and ((step + 1) % progress_every == 0 or step == stage.steps - 1):
+            # Ray forwards the workers' log lines to the driver: about ten progress lines per stage.
+            log.info("%s step %d/%d: loss %.4f (ce %.4f, mse %.4f), %s tokens/s, lr %.2e", stage.name, step + 1,
+                     stage.steps, loss_sum, ce_sum, mse_sum, f"{tokens / dt:,.0f}", last_metrics["lr"])
 
         last = step == stage.steps - 1
         due = last or (stage.validation.every and (step + 1) % stage.validation.every == 0)
