@@ -7,6 +7,7 @@
 - `schema`: the curated-shard format (versioned Parquet rows -> model samples, checksums, tokenizer);
 - `checkpoint`: the one training-state checkpoint format of training and RL (no pickle, verified);
 - `lora`: LoRA adapters on the backbone (through peft), adapter checkpoints and merging.
+- `parallel`: FSDP2 wrapping, shard-by-shard filling and the collective helpers (training and RL).
 
 Imports point one way: `jobs -> {data_curation, pipelines, rl} -> lance_platform -> lance_model`.
 """

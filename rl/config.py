@@ -7,7 +7,7 @@ overridden from the command line (`grpo.beta=0`, `reward.weights={ocr: 1.0}`) an
 from __future__ import annotations
 
 from dataclasses import field
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -66,6 +66,16 @@ class RolloutConfig:
     window: tuple[PositiveInt, PositiveInt] = (1, 3)
     eval_steps: PositiveInt = 40  # deterministic ODE sampler for held-out OCR accuracy
     eval_cfg_scale: float = 4.5
+    # Rollout workers (rl.rollout_actors): 0 = the driver samples with its own policy; N = N Ray
+    # actors, each with a copy of the policy, sampling their share of the micro-batches
+    num_workers: NonNegativeInt = 0
+    # colocated: the actors share the training GPUs and the idle side is offloaded to host memory
+    # (CUDA only); disaggregated: separate GPU sets, nothing offloaded
+    layout: Literal["colocated", "disaggregated"] = "colocated"
+    num_gpus: NonNegativeFloat = 0.0  # per rollout worker (fractions share a GPU)
+    num_cpus: NonNegativeFloat = 1.0  # per rollout worker
+    max_lag: NonNegativeInt = 0  # rollouts up to this many weight versions old are counted (rollout/stale); older: error
+    max_retries: NonNegativeInt = 2  # re-sends of a micro-batch whose rollout worker died
 
 
 @configclass
@@ -75,6 +85,11 @@ class GrpoConfig:
     adv_clip: PositiveFloat = 5.0
     global_std: bool = False
     inner_epochs: PositiveInt = 1
+    # Training workers (rl.train_workers): 1 = the update runs in the driver; N = N Ray actors in one
+    # torch.distributed group (gloo on CPU, NCCL with GPUs), the policy sharded with FSDP2
+    train_workers: PositiveInt = 1
+    train_num_gpus: NonNegativeFloat = 0.0  # per training worker (> 0: CUDA and NCCL)
+    train_num_cpus: NonNegativeFloat = 1.0  # per training worker
 
     def resolved_clip_range(self, windowed: bool) -> float:
         from .grpo import default_clip_range
@@ -139,6 +154,11 @@ class RLConfig:
         require(r.window[0] <= r.window[1], "rollout.window", r.window, "(min, max) with 1 <= min <= max")
         require(not r.windowed or r.window[0] <= r.steps, "rollout.window", r.window,
                 f"a minimum window of at most rollout.steps={r.steps} steps")
+        require(r.num_gpus == 0 or r.num_workers > 0, "rollout.num_gpus", r.num_gpus,
+                "0 unless rollout.num_workers > 0 (the driver's own sampler reserves nothing)")
+        g = self.grpo
+        require(g.train_num_gpus == 0 or g.train_num_gpus >= 1, "grpo.train_num_gpus", g.train_num_gpus,
+                "0 (CPU, gloo) or a whole number of GPUs >= 1 per training worker (NCCL needs a GPU each)")
         check_weights(self.reward.weights)
         self.reward.ocr.validate()
         self.lora.validate()

@@ -44,7 +44,6 @@ metrics; a rule that trips flags (warning + MLflow tag) or stops the run after a
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import random
@@ -57,7 +56,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lance_model.generation import SamplerOptions
 from lance_model.model import Lance
 from lance_platform import checkpoint as ckpt
 from lance_platform import lora
@@ -66,12 +64,24 @@ from lance_platform.tracking import Tracker, default_tracking_uri
 
 from .actors import RewardActorPool
 from .config import PolicyConfig, RLConfig
-from .grpo import group_advantages, kl_penalty, policy_loss, window_steps
+from .grpo import group_advantages, window_steps
 from .monitors import Monitors
 from .ocr import preflight
 from .prompts import load_prompt_file, synthetic_prompts
+from .policy import (
+    build_policy,
+    build_run_policy,
+    load_pushed,
+    move_training_state,
+    resolve_device,
+    sampler_options,
+    weights_to_push,
+)
 from .rewards import RewardBatch, check_prompts, combine_rewards
 from .rollout import RolloutWorker, Trajectories, transition_log_prob
+from .rollout_actors import RolloutPool
+from .train_workers import TrainGroup
+from .update import UpdateContext, UpdateStats, run_update
 
 log = logging.getLogger(__name__)
 
@@ -81,26 +91,6 @@ _STEP_DIR = re.compile(r"^step-(\d{6})$")
 
 
 # ------------------------------------------------------------------------------------ setup
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
-
-
-def build_policy(cfg: PolicyConfig, seed: int, device: torch.device) -> Lance:
-    """The starting policy: a checkpoint directory, or a random init of the preset (demos/tests),
-    reproducible from `seed` so that a resumed run rebuilds the same frozen reference."""
-    if cfg.checkpoint:
-        ckpt.verify_if_managed(cfg.checkpoint)
-        return Lance.from_pretrained(cfg.checkpoint, weights=cfg.weights, device=device)
-    from lance_model.config import LanceConfig
-
-    config = LanceConfig.from_preset(cfg.preset)
-    model = Lance(config)
-    model.init_weights(generator=torch.Generator().manual_seed(seed))
-    return model.to(device)
-
-
 def load_prompts(cfg: RLConfig) -> tuple[list[str], list[str]]:
     """(training prompts, held-out prompts), all checked for a quoted target before any work."""
     p = cfg.prompts
@@ -111,11 +101,6 @@ def load_prompts(cfg: RLConfig) -> tuple[list[str], list[str]]:
         held_out = synthetic_prompts(p.eval_synthetic, cfg.seed + 1) if p.eval_synthetic else []
     check_prompts(train + held_out)
     return train, held_out
-
-
-def sampler_options(cfg: RLConfig) -> SamplerOptions:
-    r = cfg.rollout
-    return SamplerOptions(num_steps=r.steps, shift=r.shift, text_scale=r.cfg_scale, noise_level=r.noise_level).validate()
 
 
 def image_grid(images: list[np.ndarray], columns: int) -> np.ndarray:
@@ -148,26 +133,6 @@ def save_checkpoint(workdir: Path, step: int, policy: Lance, optimizer: torch.op
 
 
 # ------------------------------------------------------------------------------------ trainer
-@dataclass
-class UpdateStats:
-    loss: float = 0.0
-    policy_loss: float = 0.0
-    kl: float = 0.0
-    clip_frac: float = 0.0
-    ratio_mean: float = 1.0
-    ratio_min: float = 1.0
-    ratio_max: float = 1.0
-    first_ratio_max_dev: float = 0.0  # max |ratio - 1| on the first optimizer step (exactly 0 on-policy)
-    grad_norm: float = 0.0
-    optimizer_steps: int = 0  # AdamW steps taken (a micro-batch whose groups are all skipped takes none)
-    trained_samples: int = 0  # samples whose log-probs entered a loss, summed over optimizer steps
-    trained_transitions: int = 0  # (sample, SDE step) log-probs that entered a loss
-    terms: list[dict] = field(default_factory=list, repr=False)
-
-    def metrics(self) -> dict[str, float]:
-        return {k: v for k, v in self.__dict__.items() if k != "terms"}
-
-
 class GrpoTrainer:
     """Policy, frozen reference, optimizer, rollout worker and reward pool of one GRPO run."""
 
@@ -176,14 +141,10 @@ class GrpoTrainer:
         self.workdir = Path(cfg.workdir).resolve()
         self.device = resolve_device(cfg.policy.device)
         self.train_prompts, self.eval_prompts = load_prompts(cfg)
-        torch.manual_seed(cfg.seed)
-        self.policy = build_policy(cfg.policy, cfg.seed, self.device).eval()
+        # with LoRA the reference is the base: the same module with its adapters disabled; a sharded
+        # update keeps its reference on the training workers
+        self.policy, self.reference = build_run_policy(cfg, self.device, with_reference=cfg.grpo.train_workers == 1)
         self.lora = cfg.lora.enabled
-        if self.lora:  # the reference is the base: the same module with its adapters disabled
-            lora.add_adapters(self.policy, cfg.lora)
-            self.reference = None
-        else:
-            self.reference = copy.deepcopy(self.policy).requires_grad_(False) if cfg.grpo.beta > 0 else None
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         self.monitors = Monitors(cfg.monitors)
         o = cfg.optim
@@ -195,9 +156,21 @@ class GrpoTrainer:
         self.worker.samples(self.train_prompts[:1])  # size/stride errors before Ray starts
         self.step = 0
         self._own_pool = reward_pool is None
+        self.rollouts: RolloutPool | None = None
+        self.group: TrainGroup | None = None
+        self._trained_weights = None  # the sharded update's gathered weights (object ref), pushed next
         w = cfg.reward
         self.rewards = reward_pool or RewardActorPool(w.ocr, w.num_actors, w.num_cpus, w.num_gpus,
                                                       w.video_frame_stride, w.max_retries)
+        try:
+            if cfg.grpo.train_workers > 1:
+                self.group = TrainGroup(cfg, weights_to_push(self.policy, self.lora))
+            if cfg.rollout.num_workers > 0:
+                self.rollouts = RolloutPool(cfg)
+                self.push_weights()
+        except BaseException:
+            self.close()
+            raise
 
     # ------------------------------------------------------------------ state
     def restore(self, directory: Path) -> None:
@@ -226,16 +199,25 @@ class GrpoTrainer:
         else:
             state = ckpt.restore(directory, self.policy, self.optimizer, verified=True)
         self.step = int(state["step"])
+        if self.group is not None:
+            self.group.load(weights_to_push(self.policy, self.lora), ckpt.optimizer_state_by_name(self.policy,
+                                                                                                  self.optimizer))
         self.push_weights()
         log.info("resumed GRPO from %s (step %d)", directory, self.step)
 
+    def optimizer_state(self) -> dict:
+        """The optimizer state keyed by parameter name (gathered from the workers of a sharded update)."""
+        if self.group is not None:
+            return self.group.optimizer_state()
+        return ckpt.optimizer_state_by_name(self.policy, self.optimizer)
+
     def save(self) -> Path:
+        directory = self.workdir / CHECKPOINT_DIR / f"step-{self.step:06d}"
         if not self.lora:
-            return save_checkpoint(self.workdir, self.step, self.policy, self.optimizer)
-        return ckpt.save(self.workdir / CHECKPOINT_DIR / f"step-{self.step:06d}", self.step, config=self.policy.config,
-                         model_state=lora.adapter_state(self.policy),
-                         optimizer_state=ckpt.optimizer_state_by_name(self.policy, self.optimizer),
-                         trainer_state={"lora": self.lora_record()})
+            return ckpt.save(directory, self.step, config=self.policy.config, model_state=self.policy.state_dict(),
+                             optimizer_state=self.optimizer_state())
+        return ckpt.save(directory, self.step, config=self.policy.config, model_state=lora.adapter_state(self.policy),
+                         optimizer_state=self.optimizer_state(), trainer_state={"lora": self.lora_record()})
 
     def lora_record(self) -> dict:
         """What an adapter checkpoint needs to be merged or resumed: the base and the adapter shape."""
@@ -260,15 +242,29 @@ class GrpoTrainer:
             return None
         return self.policy if self.lora else self.reference
 
+    @property
+    def weights_version(self) -> int:
+        """The version of the current weights: the number of updates taken (the step)."""
+        return self.step
+
     def push_weights(self) -> None:
-        """Send the policy's weights to the rollout worker (nothing to copy when it shares the module)."""
-        if self.worker.model is not self.policy:
-            self.worker.load_weights(self.policy.state_dict(), self.step)
+        """Send the current weights, as version `step`, to the rollout actors: one object in Ray's
+        object store (the sharded update's gathered weights as they are, else the policy's; with
+        LoRA only the adapter tensors) that every actor loads. The in-process worker shares the
+        policy module, so it only takes the version."""
         self.worker.weights_version = self.step
+        state, self._trained_weights = self._trained_weights, None
+        if self.rollouts is not None:
+            self.rollouts.push(state if state is not None else weights_to_push(self.policy, self.lora), self.step)
 
     def close(self) -> None:
         if self._own_pool:
             self.rewards.shutdown()
+        for part in ("rollouts", "group"):
+            pool = getattr(self, part, None)
+            if pool is not None:
+                pool.shutdown()
+                setattr(self, part, None)
 
     # ------------------------------------------------------------------ one iteration
     def pick(self) -> tuple[list[str], list[int], list[int]]:
@@ -290,75 +286,61 @@ class GrpoTrainer:
         mb = self.cfg.rollout.microbatch
         trajs, images, pending = [], [], []
         start = time.perf_counter()
-        for a in range(0, len(prompts), mb):
-            traj = self.worker.rollout(prompts[a:a + mb], seeds[a:a + mb], sde_steps)
-            imgs = self.worker.decode(traj.final_latents())
-            pending.append(self.rewards.submit(imgs, traj.prompts))
-            trajs.append(traj)
-            images.extend(imgs)
+        if self.rollouts is None:
+            for a in range(0, len(prompts), mb):
+                traj = self.worker.rollout(prompts[a:a + mb], seeds[a:a + mb], sde_steps)
+                imgs = self.worker.decode(traj.final_latents())
+                pending.append(self.rewards.submit(imgs, traj.prompts))
+                trajs.append(traj)
+                images.extend(imgs)
+        else:
+            with self._rollout_phase():
+                chunks = [(prompts[a:a + mb], seeds[a:a + mb]) for a in range(0, len(prompts), mb)]
+                for k, sent in enumerate(self.rollouts.submit(chunks, sde_steps)):
+                    res = self.rollouts.result(sent, k)
+                    pending.append(self.rewards.submit(res.images, res.trajectories.prompts))
+                    trajs.append(res.trajectories)
+                    images.extend(res.images)
         sampled = time.perf_counter()
         scored = RewardBatch.concat([p.result() for p in pending])
         timing = {"rollout_time_s": sampled - start, "reward_wait_s": time.perf_counter() - sampled,
                   "images_per_s": len(images) / max(sampled - start, 1e-9)}
+        if self.rollouts is not None:
+            timing |= {"rollout/stale": float(self.rollouts.take_stale()),
+                       "rollout/actor_restarts": float(self.rollouts.restarts)}
         return trajs, images, scored, timing
 
+    @contextlib.contextmanager
+    def _rollout_phase(self):
+        """Colocated on CUDA: the trainer's policy, reference and optimizer state wait in host memory
+        while the rollout actors sample, and the actors' copies go there while the trainer updates.
+        Nothing moves on the CPU or in the disaggregated layout."""
+        swap = self.cfg.rollout.layout == "colocated" and self.device.type == "cuda" and self.group is None
+        if swap:
+            move_training_state([self.policy, self.reference], self.optimizer, torch.device("cpu"))
+            self.rollouts.onload()
+        try:
+            yield
+        finally:
+            if swap:
+                self.rollouts.offload()
+                move_training_state([self.policy, self.reference], self.optimizer, self.device)
+
     def update(self, trajs: list[Trajectories], advantages: torch.Tensor, keep: torch.Tensor) -> UpdateStats:
-        """Inner epochs of clipped-ratio updates over the rollout's micro-batches."""
-        g, cfg = self.cfg.grpo, self.cfg
-        clip_range = g.resolved_clip_range(cfg.rollout.windowed)
-        noise = self.options.noise_level
-        offsets = np.cumsum([0] + [len(t.prompts) for t in trajs])
-        rng = random.Random(cfg.seed * 7919 + self.step)
-        stats = UpdateStats()
-        reference = self.reference_model
-        dropout = lora.lora_dropout_active(self.policy) if self.lora and cfg.lora.dropout > 0 \
-            else contextlib.nullcontext()
-        with dropout:
-            for _ in range(g.inner_epochs):
-                for m in rng.sample(range(len(trajs)), len(trajs)):
-                    traj = trajs[m]
-                    sl = slice(int(offsets[m]), int(offsets[m + 1]))
-                    adv, kept = advantages[sl].to(self.device), keep[sl].to(self.device)
-                    if not bool(kept.any()):
-                        continue
-                    session = self.worker.session(self.policy, traj.samples, use_cache=False)
-                    ref_session = None if reference is None else session if reference is self.policy \
-                        else self.worker.session(reference, traj.samples, use_cache=False)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    steps = rng.sample(traj.sde_steps, len(traj.sde_steps))
-                    for j in steps:
-                        t, t_next = float(traj.timesteps[j]), float(traj.timesteps[j + 1])
-                        x, x_next = traj.latents[j].to(self.device), traj.latents[j + 1].to(self.device)
-                        mean_ref = None
-                        if ref_session is not None:  # first: LoRA's reference toggles the adapters
-                            with torch.no_grad(), self.reference_mode():
-                                _, mean_ref, _ = transition_log_prob(ref_session, x, x_next, t, t_next, noise)
-                        logp, mean, std = transition_log_prob(session, x, x_next, t, t_next, noise)
-                        old = traj.log_probs[:, j].to(self.device)
-                        pg, ls = policy_loss(logp[kept], old[kept], adv[kept], clip_range)
-                        kl = torch.zeros((), device=self.device)
-                        if mean_ref is not None:
-                            kl = kl_penalty(mean[kept], mean_ref[kept], std)
-                        loss = pg + g.beta * kl
-                        (loss / len(steps)).backward()
-                        if stats.optimizer_steps == 0:
-                            stats.first_ratio_max_dev = max(stats.first_ratio_max_dev,
-                                                            max(abs(ls.ratio_min - 1), abs(ls.ratio_max - 1)))
-                        stats.terms.append({"loss": float(loss.detach()), "policy_loss": float(pg.detach()),
-                                            "kl": float(kl.detach()), "clip_frac": ls.clip_frac,
-                                            "ratio_mean": ls.ratio_mean, "ratio_min": ls.ratio_min,
-                                            "ratio_max": ls.ratio_max})
-                    stats.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip))
-                    self.optimizer.step()
-                    stats.optimizer_steps += 1
-                    stats.trained_samples += int(kept.sum())
-                    stats.trained_transitions += int(kept.sum()) * len(steps)
-        if stats.terms:
-            for key in ("loss", "policy_loss", "kl", "clip_frac", "ratio_mean"):
-                setattr(stats, key, float(np.mean([t[key] for t in stats.terms])))
-            stats.ratio_min = min(t["ratio_min"] for t in stats.terms)
-            stats.ratio_max = max(t["ratio_max"] for t in stats.terms)
-        return stats
+        """Inner epochs of clipped-ratio updates over the rollout's micro-batches (`rl.update`): in the
+        driver, or split by sample over the sharded training workers, whose gathered weights then
+        replace the driver's copy (and are what `push_weights` sends next)."""
+        if self.group is not None:
+            import ray
+
+            stats = self.group.update(self.step, trajs, advantages, keep)
+            self._trained_weights = self.group.weights_ref()
+            load_pushed(self.policy, ray.get(self._trained_weights), self.lora, "the training workers' weights")
+            return stats
+        ctx = UpdateContext(self.policy, self.reference_model, self.optimizer, self.params,
+                            lambda model, samples: self.worker.session(model, samples, use_cache=False), self.device,
+                            lora=self.lora, log_prob=transition_log_prob)
+        return run_update(ctx, self.cfg, self.step, trajs, advantages, keep)
 
     def iteration(self) -> tuple[dict[str, float], list[np.ndarray], list[dict]]:
         """One GRPO step -> (metrics, images, per-sample records)."""
@@ -400,8 +382,12 @@ class GrpoTrainer:
         if not self.eval_prompts:
             return {}
         r = self.cfg.rollout
-        images = self.worker.evaluate(self.eval_prompts, list(range(len(self.eval_prompts))), r.eval_steps,
-                                      r.eval_cfg_scale)
+        seeds = list(range(len(self.eval_prompts)))
+        if self.rollouts is not None:
+            with self._rollout_phase():
+                images = self.rollouts.evaluate(self.eval_prompts, seeds, r.eval_steps, r.eval_cfg_scale)
+        else:
+            images = self.worker.evaluate(self.eval_prompts, seeds, r.eval_steps, r.eval_cfg_scale)
         scored = self.rewards.score(images, self.eval_prompts)
         out = {"eval/ocr_accuracy": float(np.mean(scored.components["ocr"])),
                "eval/ocr_exact": float(np.mean(scored.components["ocr_exact"]))}

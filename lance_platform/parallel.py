@@ -1,0 +1,133 @@
+"""How a Lance model is distributed: FSDP2 per decoder layer, mixed precision, activation checkpointing,
+and the small collective helpers the training stages and the sharded GRPO update share.
+
+The model definition (`lance_model`) knows nothing of this; `apply_fsdp` wraps an existing model,
+the torchtitan way, also one still on the meta device: after `to_empty`, `fill_local` gives every
+rank's shards their values one tensor at a time (`local_part` says which rows a rank holds). On CPU
+the same code runs with gloo and full precision. `init_group` joins a process group from explicit
+(address, port, rank, world) for workers that are plain Ray actors rather than Ray Train workers;
+`free_port` picks the rendezvous port on the rank-0 host; `root_forward` runs any computation of a
+model inside its root module's forward, so FSDP2's hooks gather the root's (non-layer) parameters
+for code that calls submodules directly (the denoising session does).
+"""
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lance_model import Lance
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world() -> tuple[int, int]:
+    if distributed():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def free_port() -> int:
+    """A TCP port free on this host right now (for a process group's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def init_group(address: str, port: int, rank: int, world_size: int, backend: str = "gloo") -> None:
+    """Join the `world_size` process group rendezvousing at tcp://address:port as `rank`."""
+    if rank < 0 or rank >= world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size}")
+    dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world_size)
+
+
+def root_forward(model: torch.nn.Module, fn: Callable[[], Any]) -> Any:
+    """`fn()` run as `model`'s forward: its forward pre/post hooks (FSDP2's unshard, reshard and
+    backward hooks of the root's parameters) wrap the computation. A plain model just runs `fn`."""
+    model.forward = lambda: fn()  # an instance attribute shadows the class's forward for this call
+    try:
+        return model()
+    finally:
+        del model.forward
+
+
+def apply_activation_checkpointing(model: Lance) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    layers = model.language_model.model.layers
+    for i, layer in enumerate(layers):
+        layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
+
+
+def apply_fsdp(model: Lance, device: torch.device, bf16: bool) -> None:
+    """`fully_shard` each decoder layer, then the root (embeddings, heads, ViT, final norms)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for layer in model.language_model.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if world()[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def all_finite(value: torch.Tensor) -> bool:
+    """True only if `value` is finite on every rank (so all ranks skip a bad step together)."""
+    flag = torch.tensor([1.0 if torch.isfinite(value).all() else 0.0], device=value.device)
+    if world()[1] > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+# ---------------------------------------------------------------------------------------- shard by shard
+def local_part(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(this rank's local tensor, its first row, its end row) of a model tensor: a DTensor sharded
+    on dim 0 (FSDP2, also inside an HSDP mesh whose other dims replicate) or a plain tensor (all rows).
+    Rows follow `torch.chunk`, as FSDP2 shards them; 0-dim tensors are whole on every rank."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not isinstance(t, DTensor):
+        return t, 0, (t.shape[0] if t.dim() else 0)
+    local = t.to_local()
+    n = t.shape[0] if t.dim() else 0
+    sharded = [i for i, p in enumerate(t.placements) if not isinstance(p, Replicate)]
+    if not sharded or t.dim() == 0:
+        return local, 0, n
+    if len(sharded) != 1 or not isinstance(t.placements[sharded[0]], Shard) or t.placements[sharded[0]].dim != 0:
+        raise ValueError(f"tensor placements {t.placements}: only dim-0 sharding (FSDP2/HSDP) is supported")
+    mesh_dim = sharded[0]
+    parts, rank = t.device_mesh.size(mesh_dim), t.device_mesh.get_local_rank(mesh_dim)
+    chunk = -(-n // parts)
+    start = min(rank * chunk, n)
+    stop = min(start + chunk, n)
+    if local.shape[0] != stop - start:
+        raise RuntimeError(f"local shard of {tuple(t.shape)} has {local.shape[0]} rows, expected {stop - start}")
+    return local, start, stop
+
+
+@torch.no_grad()
+def fill_local(tensors: Iterable[tuple[str, torch.Tensor]],
+               value: Callable[[str, tuple[int, ...], int, int], torch.Tensor]) -> None:
+    """Fill each tensor's local part, one tensor at a time, with `value(name, global shape, start,
+    stop)`: rows [start, stop) of the named tensor (cast and moved to the tensor's dtype/device), so
+    a rank holds its shards plus one tensor's rows at most."""
+    for name, t in tensors:
+        local, start, stop = local_part(t)
+        src = value(name, tuple(t.shape), start, stop)
+        if tuple(src.shape) != tuple(local.shape):
+            raise ValueError(f"{name}: got a block of shape {tuple(src.shape)} for the local part {tuple(local.shape)}")
+        local.copy_(src)
