@@ -3,8 +3,9 @@
 A stage (PT, CT or SFT) says where its weights start, which curated shards it reads, how task
 groups are mixed (with an optional progressive schedule that moves each group's weight from
 `weight` to `end_weight` over `ramp_steps`), how samples are packed, the optimiser and LR schedule,
-checkpoint cadence, EMA, validation and the Ray Train scaling. Every mistake is reported with the
-dotted field name, the value and what was expected.
+checkpoint cadence, EMA, validation and the Ray Train scaling, and optional LoRA adapters (`lora`,
+`lance_platform.lora.LoraConfig`: with `lora.enabled` only the adapters train). Every mistake is
+reported with the dotted field name, the value and what was expected.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from lance_model.configio import (
     require,
 )
 from lance_platform.config import ConfigError, load_config
+from lance_platform.lora import LoraConfig
 
 InitKind = Literal["preset", "previous", "lance", "qwen25vl"]
 Schedule = Literal["constant", "cosine"]
@@ -141,6 +143,11 @@ class StageConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     log_every: PositiveInt = 1
+    lora: LoraConfig | None = None  # `lora.enabled=true`: train LoRA adapters on a frozen base (pipelines.adapters)
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.lora is not None and self.lora.enabled
 
     def validate(self, require_shards: bool = True) -> StageConfig:
         """Cross-field rules and paths (types and ranges are checked when the config is loaded)."""
@@ -152,6 +159,8 @@ class StageConfig:
                     "an existing directory of curated shards")
         self.model.validate(self.init.kind)
         self.mixture.validate()
+        if self.lora is not None:
+            self.lora.validate("lora")
         o = self.optim
         require(o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"between 0 and optim.lr ({o.lr})")
         return self

@@ -22,10 +22,12 @@ way. Each worker reads only its dealt rows of the shards and packs ahead of the 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import math
+import secrets
 import tempfile
 import time
 from collections.abc import Callable
@@ -44,18 +46,29 @@ from lance_model.checkpoint import (
     index_pretrained,
     index_qwen25vl,
     index_safetensors,
+    official_llm_config,
     qwen25vl_sources,
     reset_buffers,
 )
+from lance_model.config import CONFIG_FILE, OFFICIAL_LLM_CONFIG_FILE
 from lance_model.heads import sincos_1d
 from lance_model.model import init_tensor
 from lance_model.sequence import SequenceBuilder
 from lance_model.tokenizer import load_tokenizer
 from lance_platform import checkpoint as ckpt
+from lance_platform import lora
 from lance_platform.checkpoint import plain_name
 from lance_platform.config import ConfigError, from_dict
+from lance_platform.sharded_checkpoint import (
+    AsyncCheckpointWriter,
+    Piece,
+    ShardedCheckpoint,
+    is_sharded,
+    step_name,
+)
+from lance_platform.sharded_checkpoint import latest_valid as latest_valid_sharded
 
-from . import parallel
+from . import adapters, parallel
 from .batching import GroupStreams, Packer, Prefetcher, ShardRows
 from .config import MODEL_SECTIONS, StageConfig
 
@@ -102,7 +115,7 @@ def model_source(stage: StageConfig, init_path: str | None = None) -> ModelSourc
         return ModelSource(config, refs, seed=stage.seed, qwen=True, source=str(path))
     config, refs, weights = index_pretrained(path, weights=stage.init.weights)
     ckpt.verify_if_managed(path)
-    return ModelSource(config.with_overrides(overrides, "model.overrides."), refs, fresh_ok=False,
+    return ModelSource(config.with_overrides(overrides, "model.overrides."), refs, seed=stage.seed, fresh_ok=False,
                        source=str(weights))
 
 
@@ -130,8 +143,11 @@ def fill_model(model: Lance, source: ModelSource, device: torch.device) -> list[
     """Give every parameter of `model` (after `to_empty`, sharded or not) its value, tensor by
     tensor: read from the checkpoint (only this rank's rows), or a random init made one full tensor
     at a time and cut to this rank's rows; the latent position table and rotary buffers are
-    computed. Returns the keys that got a random init."""
-    params = [(plain_name(n), p) for n, p in model.named_parameters()]
+    computed. LoRA adapters (`pipelines.adapters`) get peft's init; their base layers read the base's
+    keys. Returns the keys that got a random init."""
+    named = [(plain_name(n), p) for n, p in model.named_parameters()]
+    lora_params = [(n, p) for n, p in named if adapters.is_adapter(n)]
+    params = [(adapters.base_key(n), p) for n, p in named if not adapters.is_adapter(n)]
     expected = {n: tuple(p.shape) for n, p in params}
     refs = source.refs
     if source.qwen:
@@ -161,6 +177,8 @@ def fill_model(model: Lance, source: ModelSource, device: torch.device) -> list[
             return full[start:stop] if full.dim() else full
 
         parallel.fill_local(params, value)
+    parallel.fill_local(lora_params, lambda n, shape, a, b: adapters.init_adapter(
+        n, shape, torch.Generator().manual_seed(tensor_seed(source.seed, n)))[a:b])
     reset_buffers(model, device)
     if fresh:
         log.info("%s: %d tensor(s) got a random init", source.source, len(fresh))
@@ -172,10 +190,13 @@ def build_model(stage: StageConfig, init_path: str | None = None, device: torch.
     """The stage's starting model, built on the meta device; `prepare` (compile, activation
     checkpointing, FSDP2) wraps it there, then each rank allocates and fills only its own shards
     (`fill_model`): no rank ever holds the whole model. Without `prepare`, a plain model on
-    `device`; the values do not depend on the sharding."""
+    `device`; the values do not depend on the sharding. With `lora.enabled` the adapters are added
+    first (base frozen, `pipelines.adapters`)."""
     source = model_source(stage, init_path)
     with torch.device("meta"):
         model = Lance(source.config)
+    if stage.lora_enabled:
+        adapters.add_stage_adapters(model, stage)
     if prepare is not None:
         prepare(model)
     model.to_empty(device=torch.device(device))
@@ -278,9 +299,12 @@ def restore_checkpoint(directory: Path, model: Lance, optimizer, scheduler, ema:
     position); returns the step to continue from. The model and EMA are read tensor by tensor, each
     rank only its shards' rows; the full, name-keyed optimizer state reshards onto this run's
     parameters. The world size may differ from the one that wrote the checkpoint: the data position
-    is then re-split (`load_data_states`)."""
+    is then re-split (`load_data_states`). A sharded checkpoint is read by
+    `restore_sharded_checkpoint`."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    if is_sharded(directory):
+        return restore_sharded_checkpoint(directory, model, optimizer, scheduler, ema, packer, rank)
     tied = model.config.text.tie_word_embeddings
     expected = {plain_name(k): tuple(v.shape) for k, v in model.state_dict().items()}  # global shapes
     model_file = directory / ckpt.MODEL_FILE
@@ -312,6 +336,196 @@ def restore_checkpoint(directory: Path, model: Lance, optimizer, scheduler, ema:
         raise ckpt.InvalidCheckpointError(directory / ckpt.TRAINER_STATE, "no scheduler state: not a training-stage checkpoint")
     scheduler.load_state_dict(state["scheduler"])
     return int(state["step"])
+
+
+def save_adapter_checkpoint(directory: Path, step: int, model: Lance, config: LanceConfig, optimizer, scheduler,
+                            ema: Ema | None, data_state: dict | None, rank: int, world: int, record: dict) -> Path:
+    """`save_checkpoint` of a LoRA stage: the adapters alone (and their EMA) instead of the model,
+    the adapters' optimizer state, the scheduler, the `lora` record (`pipelines.adapters`) and every
+    rank's data state. Collective under FSDP (all ranks call it)."""
+    items = adapters.adapter_items(model)
+    state = adapters.full_adapter_state(items)
+    ema_state = {adapters.saved_key(k): v for k, v in ema.full_state().items()} if ema is not None else None
+    optim = full_optimizer_state(model, optimizer)
+
+    def write_data(tmp: Path) -> None:
+        if data_state is not None:
+            save_data_state(tmp, rank, data_state)
+
+    if rank != 0:
+        return ckpt.save(directory, step + 1, write_extra=write_data, part=rank, parts=world)
+    return ckpt.save(directory, step + 1, config=config, model_state=state, ema_state=ema_state, optimizer_state=optim,
+                     trainer_state={"scheduler": scheduler.state_dict(), adapters.RECORD_KEY: record},
+                     write_extra=write_data, parts=world)
+
+
+def restore_adapter_checkpoint(directory: Path, model: Lance, optimizer, scheduler, ema: Ema | None,
+                               packer: Packer | None, rank: int, record: dict) -> int:
+    """`restore_checkpoint` of a LoRA stage: the base stays as `build_model` filled it from `init`;
+    the adapters (and their EMA) are read strictly, each rank only its shards' rows; then the
+    optimizer by name, the scheduler and the data position. Returns the step to continue from."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = ckpt.read_trainer_state(directory)
+    adapters.check_record(state.get(adapters.RECORD_KEY), record, directory)
+    adapters.load_adapter_file(adapters.adapter_items(model), directory / ckpt.MODEL_FILE)
+    if ema is not None:
+        adapters.load_adapter_file([(adapters.saved_key(k), t) for k, t in ema.shadow.items()],
+                                   directory / ckpt.EMA_FILE)
+    named = ckpt.read_optimizer_state(directory)
+    params = {plain_name(n): tuple(p.shape) for n, p in model.named_parameters()}
+    ckpt.check_optimizer_state(named, ckpt.optimizer_groups_by_name(model, optimizer), params,
+                               str(directory / ckpt.OPTIMIZER_JSON))
+    if sharded(model):
+        set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
+    else:
+        ckpt.load_optimizer_state_by_name(model, optimizer, named, str(directory / ckpt.OPTIMIZER_JSON))
+    if packer is not None:
+        packer.load_states(load_data_states(directory, rank, packer.streams.world))
+    if not isinstance(state.get("scheduler"), dict):
+        raise ckpt.InvalidCheckpointError(directory / ckpt.TRAINER_STATE, "no scheduler state: not a training-stage checkpoint")
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"])
+
+
+# ---------------------------------------------------------------------------------------- sharded checkpoints
+def _stores(t: torch.Tensor, rank: int) -> bool:
+    """Whether this rank stores its part of `t`: every shard once, a replicated copy (HSDP's other
+    replicas, a plain tensor such as AdamW's `step`) by its first holder only."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if not isinstance(t, DTensor):
+        return rank == 0
+    coordinate = t.device_mesh.get_coordinate()
+    return coordinate is not None and all(c == 0 for c, p in zip(coordinate, t.placements) if isinstance(p, Replicate))
+
+
+def _pieces(named, rank: int) -> list[Piece]:
+    out = []
+    for name, t in named:
+        if _stores(t, rank):
+            local, start, _ = parallel.local_part(t)
+            out.append(Piece(name, local, start, tuple(t.shape)))
+    return out
+
+
+def _model_params(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The stored parameters: all but the fixed latent position table (computed, never stored)."""
+    return [(plain_name(n), p) for n, p in model.named_parameters() if plain_name(n) != POS_EMBED_KEY]
+
+
+def save_sharded_checkpoint(writer: AsyncCheckpointWriter, step: int, model: Lance, config: LanceConfig, optimizer,
+                            scheduler, ema: Ema | None, data_state: dict | None, rank: int) -> Path:
+    """Start this rank's part of a sharded checkpoint (`lance_platform.sharded_checkpoint`): its
+    shards of the model, EMA and optimizer state, its data state and (rank 0) the scheduler, the
+    optimizer's param groups and the model config. Returns once the shards are copied to host
+    memory; the files are written in the background. No collective. `step` is the step just done."""
+    named = ckpt.optimizer_state_by_name(model, optimizer)
+    optim, values, tensor_keys = [], {}, {}
+    for name, entry in named["state"].items():
+        for key, v in entry.items():
+            if torch.is_tensor(v):
+                optim.append((f"{name}/{key}", v))
+                tensor_keys.setdefault(name, []).append(key)
+            else:
+                values.setdefault(name, {})[key] = v
+    tensors = {"model": _pieces(_model_params(model), rank), "optim": _pieces(optim, rank)}
+    if ema is not None:
+        tensors["ema"] = _pieces(ema.shadow.items(), rank)
+    files: dict[str, Any] = {}
+    if data_state is not None:
+        files[data_state_file(Path(), rank).name] = data_state
+    if rank == 0:
+        groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in named["param_groups"]]
+        files[ckpt.TRAINER_STATE] = {"format": ckpt.FORMAT, "step": step + 1, "scheduler": scheduler.state_dict(),
+                                     "optimizer": {"param_groups": groups, "values": values, "tensors": tensor_keys}}
+        files[CONFIG_FILE] = config.to_dict()
+        files[OFFICIAL_LLM_CONFIG_FILE] = official_llm_config(config)
+    return writer.save(step + 1, tensors, files)
+
+
+def check_sharded_keys(directory: Path, model: Lance, ema: Ema | None) -> None:
+    """A sharded checkpoint holds exactly the model's tensors (and the EMA's): `CheckpointError`
+    naming the missing/unexpected keys otherwise (`latest_valid` then falls back)."""
+    with ShardedCheckpoint(directory) as sc:
+        sc.check("model", {n: tuple(p.shape) for n, p in _model_params(model)})
+        if ema is not None:
+            sc.check("ema", {n: tuple(t.shape) for n, t in ema.shadow.items()})
+
+
+def restore_sharded_checkpoint(directory: Path, model: Lance, optimizer, scheduler, ema: Ema | None,
+                               packer: Packer | None, rank: int) -> int:
+    """Strictly load a verified sharded checkpoint, each rank reading only the rows of its own
+    shards, on any number of ranks: model, EMA, optimizer (by parameter name, resharded like the
+    parameters), scheduler and data position. Every key is checked before any tensor is read."""
+    state = ckpt.read_trainer_state(directory)
+    source = str(directory / ckpt.TRAINER_STATE)
+    opt = state.get("optimizer")
+    if not isinstance(state.get("scheduler"), dict) or not isinstance(opt, dict) \
+            or not isinstance(opt.get("param_groups"), list) or not isinstance(opt.get("tensors"), dict):
+        raise ckpt.InvalidCheckpointError(directory / ckpt.TRAINER_STATE, "needs 'scheduler' and 'optimizer' "
+                                          "(param_groups, tensors): not a training-stage checkpoint")
+    params = dict(_model_params(model))
+    shapes = {plain_name(n): tuple(p.shape) for n, p in model.named_parameters()}
+    groups = ckpt.optimizer_groups_by_name(model, optimizer)
+    ckpt.check_optimizer_state({"state": {}, "param_groups": opt["param_groups"]}, groups, shapes, source)
+    with ShardedCheckpoint(directory) as sc:
+        check_sharded_keys(directory, model, ema)
+        stored = sc.names("optim")
+        want: dict[str, tuple[int, ...]] = {}
+        for name, keys in opt["tensors"].items():
+            if name not in shapes or not isinstance(keys, list):
+                raise ckpt.InvalidCheckpointError(directory / ckpt.TRAINER_STATE, f"optimizer state of {name!r}: "
+                                                  "no such parameter")
+            for key in keys:
+                k = f"{name}/{key}"
+                want[k] = () if stored.get(k) == () else shapes[name]
+        sc.check("optim", want)
+
+        parallel.fill_local(params.items(), lambda n, shape, a, b: sc.rows("model", n, a, b))
+        if ema is not None:
+            parallel.fill_local(ema.shadow.items(), lambda n, shape, a, b: sc.rows("ema", n, a, b))
+        by_name = {plain_name(n): p for n, p in model.named_parameters()}
+        index = {name: i for i, name in enumerate(n for g in groups for n in g)}
+        loaded: dict[int, dict[str, Any]] = {}
+        # in the optimizer's own order: every rank must hold its state in the same order (FSDP collectives)
+        for name in sorted(set(opt["tensors"]) | set(opt.get("values", {})), key=index.__getitem__):
+            entry = dict(opt.get("values", {}).get(name, {}))
+            for key in opt["tensors"].get(name, []):
+                k = f"{name}/{key}"
+                if want[k] == ():
+                    entry[key] = sc.rows("optim", k)
+                else:
+                    t = torch.empty_like(by_name[name].detach(), dtype=sc.blocks["optim"][k][0].dtype)
+                    parallel.fill_local([(k, t)], lambda n, shape, a, b: sc.rows("optim", n, a, b))
+                    entry[key] = t
+            loaded[index[name]] = entry
+    optimizer.load_state_dict({"state": loaded, "param_groups": [
+        {**saved, "params": [index[n] for n in names]} for saved, names in zip(opt["param_groups"], groups)]})
+    if packer is not None:
+        packer.load_states(load_data_states(directory, rank, packer.streams.world))
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"])
+
+
+def resume_sharded(root: Path, model: Lance, optimizer, scheduler, ema: Ema | None, packer: Packer | None,
+                   rank: int, device: torch.device) -> tuple[int, str | None]:
+    """(step to continue from, the fallback note when newer checkpoints were skipped). Rank 0
+    picks the newest checkpoint under `root` that verifies (checksums, indexes, every key the
+    model and EMA have) and tells the others which; each rank then reads only its rows."""
+    chosen_step, note = -1, None
+    if rank == 0:
+        chosen, skipped = latest_valid_sharded(root, "step-*", check=lambda d: check_sharded_keys(d, model, ema))
+        if skipped:
+            note = ckpt.fallback_note(chosen, skipped)
+            log.warning("resume: %s", note)
+        if chosen is not None:
+            chosen_step = ckpt.read_trainer_state(chosen)["step"]
+    chosen_step = int(parallel.all_reduce_sum([chosen_step if rank == 0 else 0.0], device)[0])
+    if chosen_step < 0:
+        return 0, note
+    return restore_sharded_checkpoint(root / step_name(chosen_step), model, optimizer, scheduler, ema, packer,
+                                      rank), note
 
 
 def resume_directory(checkpoint) -> tuple[Path | None, str | None]:
@@ -445,6 +659,9 @@ def unsharded_copy(model: Lance, config: LanceConfig, device: torch.device) -> L
     full = full_model_state(model)
     if parallel.world()[0] != 0:
         return model
+    layers = lora.lora_layers(model)
+    if layers:  # LoRA: the base with the adapters folded in
+        full = adapters.fold_state(full, next(iter(layers.values())).scaling[lora.ADAPTER])
     copy = Lance(config)
     copy.load_state_dict(full, strict=False)
     return copy.to(device).eval()
@@ -491,19 +708,31 @@ def train_loop(config: dict[str, Any]) -> None:
     o = stage.optim
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, stage))
-    ema = Ema(model, stage.ema_decay) if stage.ema_decay > 0 else None
+    ema = Ema(model, stage.ema_decay) if stage.ema_decay > 0 else None  # LoRA: of the adapters
+    lora_record = adapters.adapter_record(stage, config.get("init_path")) if stage.lora_enabled else None
+    restore_checkpoint_ = restore_checkpoint if lora_record is None else functools.partial(
+        restore_adapter_checkpoint, record=lora_record)
 
     start = 0
     fallback = None
-    checkpoint = ray.train.get_checkpoint()
+    writer = None
+    if lora_record is None and config.get("storage_dir"):
+        # sharded, asynchronous checkpoints under <stage dir>/checkpoints; one attempt id per (re)start
+        attempt = int(parallel.all_reduce_sum([secrets.randbits(48) if rank == 0 else 0.0], device)[0])
+        writer = AsyncCheckpointWriter(Path(config["storage_dir"]) / "checkpoints", rank, world,
+                                       keep=stage.keep_checkpoints, attempt=f"{attempt:012x}")
+        start, fallback = resume_sharded(writer.root, model, optimizer, scheduler, ema, packer, rank, device)
+        if start:
+            log.info("rank %d resumed at step %d", rank, start)
+    checkpoint = ray.train.get_checkpoint() if writer is None else None
     if checkpoint is not None:
         directory, fallback = resume_directory(checkpoint)
         if directory is None and fallback is None:  # remote storage: verify the downloaded copy
             with checkpoint.as_directory() as d:
                 ckpt.verify(d)
-                start = restore_checkpoint(Path(d), model, optimizer, scheduler, ema, packer, rank)
+                start = restore_checkpoint_(Path(d), model, optimizer, scheduler, ema, packer, rank)
         elif directory is not None:
-            start = restore_checkpoint(directory, model, optimizer, scheduler, ema, packer, rank)
+            start = restore_checkpoint_(directory, model, optimizer, scheduler, ema, packer, rank)
         log.info("rank %d resumed at step %d", rank, start)
 
     tracker = None
@@ -524,16 +753,19 @@ def train_loop(config: dict[str, Any]) -> None:
     ahead = Prefetcher(pack, range(start, stage.steps), depth=PREFETCH_DEPTH)
     try:
         _steps(stage, model, model_config, ahead, start, optimizer, scheduler, params, ema, packer, builder,
-               holdout_rows, device, rank, world, use_gpu, tracker)
+               holdout_rows, device, rank, world, use_gpu, tracker, lora_record, writer)
     finally:
         ahead.close()
+        if writer is not None:
+            writer.close()
     if tracker is not None:
         tracker.set_tags({"final_step": str(stage.steps - 1)})
 
 
 def _steps(stage: StageConfig, model: Lance, model_config: LanceConfig, ahead: Prefetcher, start: int, optimizer,
            scheduler, params: list, ema: Ema | None, packer: Packer, builder: SequenceBuilder, holdout_rows: list[dict],
-           device: torch.device, rank: int, world: int, use_gpu: bool, tracker) -> None:
+           device: torch.device, rank: int, world: int, use_gpu: bool, tracker,
+           lora_record: dict | None = None, writer: AsyncCheckpointWriter | None = None) -> None:
     import ray.train
     from ray.train import Checkpoint
 
@@ -594,8 +826,18 @@ def _steps(stage: StageConfig, model: Lance, model_config: LanceConfig, ahead: P
                     log_validation_samples(copy, model_config, holdout_rows, tracker, step, device, stage)
             if tracker is not None:
                 tracker.log_metrics(val, step=step)
-        if last or (stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0):
+        if (last or (stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0)) and writer is not None:
+            # written in the background while the next steps run; the last one is waited for
+            save_sharded_checkpoint(writer, step, model, model_config, optimizer, scheduler, ema, data_state, rank)
+            if last:
+                writer.wait()
+            ray.train.report({**last_metrics, "step": step})
+        elif last or (stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0):
             with tempfile.TemporaryDirectory() as tmp:
-                written = save_checkpoint(Path(tmp) / "checkpoint", step, model, model_config, optimizer, scheduler,
-                                          ema, data_state, rank, world)
+                if lora_record is not None:  # LoRA: the adapters, not the frozen base
+                    written = save_adapter_checkpoint(Path(tmp) / "checkpoint", step, model, model_config, optimizer,
+                                                      scheduler, ema, data_state, rank, world, lora_record)
+                else:
+                    written = save_checkpoint(Path(tmp) / "checkpoint", step, model, model_config, optimizer,
+                                              scheduler, ema, data_state, rank, world)
                 ray.train.report({**last_metrics, "step": step}, checkpoint=Checkpoint.from_directory(written))

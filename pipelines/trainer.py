@@ -8,7 +8,9 @@ group's last rows. Each is a `ConfigError` (one line, exit 2 from the CLI). Then
 stage's MLflow child run (or reopens it when the stage is re-run in the same work dir), and runs
 `TorchTrainer` with FailureConfig retries, which are for what can succeed on a retry: a failing
 worker group is restarted from the last reported checkpoint and continues the same run. The final
-checkpoint is exported to `<workdir>/<stage>/final` (loadable with `Lance.from_pretrained`).
+checkpoint is exported to `<workdir>/<stage>/final` (loadable with `Lance.from_pretrained`). A LoRA
+stage (`lora.enabled`) checks its targets before Ray starts; its last checkpoint holds adapters only,
+exported to `<stage>/adapters`, and `<stage>/final` is the base with them folded in.
 """
 from __future__ import annotations
 
@@ -204,6 +206,7 @@ def run_stage(stage: StageConfig, workdir: str | Path, parent_run_id: str | None
     if stage.init.kind == "previous" and not init_path:
         raise ConfigError(f"stage {stage.name}: init.kind='previous' needs a previous stage's checkpoint")
     plan = plan_data(stage, init_path)
+    check_lora(stage, init_path)
     workdir = Path(workdir).resolve()
     stage_dir = workdir / stage.name
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -246,7 +249,10 @@ def run_stage(stage: StageConfig, workdir: str | Path, parent_run_id: str | None
         tracker.end("FAILED")
         raise
     final = stage_dir / "final"
-    export_checkpoint(Path(result.checkpoint.path), final)
+    if stage.lora_enabled:
+        finish_lora_stage(stage, Path(result.checkpoint.path), stage_dir, init_path)
+    else:
+        export_checkpoint(Path(result.checkpoint.path), final)
     metrics = dict(result.metrics or {})
     tracker.set_tags({"checkpoint": str(final)})
     tracker.log_dict(metrics, "final_metrics.json")
@@ -258,6 +264,29 @@ def _train_loop_entry(config: dict) -> None:
     from .train_loop import train_loop
 
     train_loop(config)
+
+
+def check_lora(stage: StageConfig, init_path: str | None) -> None:
+    """LoRA targets that select no Linear layer of the stage's model stop the stage here, before
+    Ray starts (`ConfigError` naming `lora.targets`); a `lora` section left disabled is said."""
+    if stage.lora is not None and not stage.lora.enabled:
+        log.warning("stage %s: a lora section is set but lora.enabled is false: training every weight", stage.name)
+    if stage.lora_enabled:
+        from . import adapters
+        from .train_loop import model_source
+
+        adapters.check_targets(stage, model_source(stage, init_path).config)
+
+
+def finish_lora_stage(stage: StageConfig, source: Path, stage_dir: Path, init_path: str | None) -> Path:
+    """A LoRA stage's last checkpoint (adapters) to `<stage>/adapters`, and the base with them
+    folded in to `<stage>/final` (what the next stage and `generate` read). Returns `final`."""
+    from . import adapters
+    from .train_loop import build_model
+
+    exported = stage_dir / adapters.ADAPTERS_DIR
+    export_checkpoint(source, exported)
+    return adapters.merge_adapters(build_model(stage, init_path), stage, exported, stage_dir / "final", init_path)
 
 
 def export_checkpoint(source: Path, target: Path) -> None:
