@@ -29,7 +29,8 @@ from lance_platform.logs import configure_output
 from lance_platform.runtime import RayUnavailableError
 
 # Each command module exposes `register(subparsers)`, which adds its parser and sets `func`.
-COMMAND_MODULES = ("jobs.demo", "jobs.recipe", "jobs.curate", "jobs.train", "jobs.rl", "jobs.generate", "jobs.submit")
+COMMAND_MODULES = ("jobs.demo", "jobs.recipe", "jobs.curate", "jobs.train", "jobs.rl", "jobs.generate", "jobs.export",
+                   "jobs.submit")
 
 # Commands that run on Ray: their cluster address is checked before any work starts.
 RAY_COMMANDS = ("demo", "recipe", "curate", "refresh", "train", "pipeline", "rl", "rl-tune")

@@ -265,10 +265,13 @@ def check_safetensors_header(path: Path) -> None:
         raise InvalidCheckpointError(path, f"safetensors data ends at byte {8 + n + end}, the file has {size}")
 
 
-def latest_valid(root: str | Path, pattern: str = "*") -> tuple[Path | None, list[Skipped]]:
+def latest_valid(root: str | Path, pattern: str = "*", check: Callable[[Path], None] | None = None
+                 ) -> tuple[Path | None, list[Skipped]]:
     """(newest checkpoint directory under `root` matching `pattern` that verifies, the newer ones
     skipped). Names sort by age (`step-000012`, Ray's `checkpoint_<time>`); `*.tmp` directories are
-    writes in progress and not candidates. Each skipped one is logged as a warning with its reason."""
+    writes in progress and not candidates. `check(directory)` may reject a verified one by raising
+    `InvalidCheckpointError` (a sharded checkpoint's indexes, the keys a model needs). Each skipped
+    one is logged as a warning with its reason."""
     root = Path(root)
     if not root.is_dir():
         return None, []
@@ -278,6 +281,8 @@ def latest_valid(root: str | Path, pattern: str = "*") -> tuple[Path | None, lis
     for d in candidates:
         try:
             verify(d)
+            if check is not None:
+                check(d)
         except InvalidCheckpointError as exc:
             log.warning("checkpoint %s is not usable, falling back to an older one: %s", d.name, exc)
             skipped.append(Skipped(d, str(exc)))
