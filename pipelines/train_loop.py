@@ -6,11 +6,13 @@ timesteps and noise) is derived from (seed, step, rank), and the data position o
 checkpointed, so a stage that fails and resumes from its last checkpoint reproduces the run that
 did not fail.
 
-Checkpoints (every `checkpoint_every` steps and at the end) are `lance_platform.checkpoint`
-directories, the format RL writes too: `model.safetensors` and `ema.safetensors` in the official
-key layout (they load with `Lance.from_pretrained` and in the official code), the optimizer state
-keyed by parameter name (gathered to full tensors under FSDP2), the scheduler state as JSON, each
-worker's data state, and the manifests. Nothing is unpickled on resume. A worker resuming from a
+Checkpoints (every `checkpoint_every` steps and at the end) are sharded and asynchronous
+(`lance_platform.sharded_checkpoint`, under `<stage dir>/checkpoints`): every rank copies its own
+shards of the model, EMA and optimizer state (by parameter name) to host memory and writes them in
+a background thread while the next steps run, with its data state; rank 0 adds the scheduler
+state and commits the directory once every rank's files are there. The driver exports the last
+one to the full official layout (`pipelines.trainer`). A LoRA stage writes its adapters through
+Ray Train's checkpoints in the full format instead. Nothing is unpickled on resume. A worker resuming from a
 checkpoint that does not verify falls back to the newest one that does, naming the bad file in
 the log and in the stage's MLflow run (`resume_fallback` tag); loading is strict.
 Rank 0 alone writes to MLflow, reopening the stage's run by id after a restart.

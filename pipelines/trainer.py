@@ -7,8 +7,10 @@ mixture has rows for every worker, with the validation hold-out cut so that it n
 group's last rows. Each is a `ConfigError` (one line, exit 2 from the CLI). Then it opens the
 stage's MLflow child run (or reopens it when the stage is re-run in the same work dir), and runs
 `TorchTrainer` with FailureConfig retries, which are for what can succeed on a retry: a failing
-worker group is restarted from the last reported checkpoint and continues the same run. The final
-checkpoint is exported to `<workdir>/<stage>/final` (loadable with `Lance.from_pretrained`). A LoRA
+worker group is restarted from the newest complete checkpoint and continues the same run. The final
+checkpoint is exported to `<workdir>/<stage>/final` (loadable with `Lance.from_pretrained`): the
+workers write sharded checkpoints under `<workdir>/<stage>/checkpoints` (a LoRA stage: its adapters
+through Ray Train's checkpoints), and the driver streams the last one into the full layout. A LoRA
 stage (`lora.enabled`) checks its targets before Ray starts; its last checkpoint holds adapters only,
 exported to `<stage>/adapters`, and `<stage>/final` is the base with them folded in.
 """
@@ -252,7 +254,7 @@ def run_stage(stage: StageConfig, workdir: str | Path, parent_run_id: str | None
     if stage.lora_enabled:
         finish_lora_stage(stage, Path(result.checkpoint.path), stage_dir, init_path)
     else:
-        export_checkpoint(Path(result.checkpoint.path), final)
+        export_final(stage, stage_dir, final)
     metrics = dict(result.metrics or {})
     tracker.set_tags({"checkpoint": str(final)})
     tracker.log_dict(metrics, "final_metrics.json")
@@ -287,6 +289,25 @@ def finish_lora_stage(stage: StageConfig, source: Path, stage_dir: Path, init_pa
     exported = stage_dir / adapters.ADAPTERS_DIR
     export_checkpoint(source, exported)
     return adapters.merge_adapters(build_model(stage, init_path), stage, exported, stage_dir / "final", init_path)
+
+
+def export_final(stage: StageConfig, stage_dir: Path, target: Path) -> None:
+    """Stream the stage's last sharded checkpoint (`<stage dir>/checkpoints`, written by every
+    worker) into the full layout at `target` on the driver's CPU: the official-layout weights and
+    EMA, the name-keyed optimizer state and the trainer state, with a manifest. Only the last
+    checkpoint is exported; the ones during the stage stay sharded."""
+    from lance_platform import checkpoint as ckpt
+    from lance_platform.sharded_checkpoint import export, latest_valid
+
+    chosen, skipped = latest_valid(stage_dir / "checkpoints", "step-*")
+    if chosen is None:
+        raise ckpt.CheckpointError(f"stage {stage.name}: no complete checkpoint under {stage_dir / 'checkpoints'}"
+                                   f"{': ' + ckpt.fallback_note(None, skipped) if skipped else ''}")
+    step = ckpt.read_trainer_state(chosen)["step"]
+    if step != stage.steps:
+        raise ckpt.CheckpointError(f"stage {stage.name}: its newest complete checkpoint {chosen} is at step {step}, "
+                                   f"not the last step {stage.steps}")
+    export(chosen, target, layout="lance")
 
 
 def export_checkpoint(source: Path, target: Path) -> None:

@@ -124,7 +124,7 @@ def restore_on_one(directory: Path):
     from pipelines.train_loop import build_model, restore_checkpoint
 
     model = build_model(stage())
-    params, opt, sched, ema = parts(model)
+    _, opt, sched, ema = parts(model)
     step = restore_checkpoint(directory, model, opt, sched, ema, None, 0)
     return step, model, opt, sched, ema
 
@@ -240,7 +240,7 @@ def test_a_truncated_shard_in_the_newest_checkpoint_falls_back_to_the_previous_o
     shutil.copytree(two_rank_run / "checkpoints", root)
     bad = root / "step-000002" / "model.rank1.safetensors"
     bad.write_bytes(bad.read_bytes()[:-100])
-    model, params, opt, sched, ema = tiny_model()
+    model, _, opt, sched, ema = tiny_model()
     start, note = resume_sharded(root, model, opt, sched, ema, None, 0, torch.device("cpu"))
     assert start == 1 and sched.last_epoch == 1
     assert "skipped step-000002" in note and "model.rank1.safetensors" in note and note.endswith("step-000001")
@@ -274,7 +274,7 @@ def test_a_missing_key_fails_naming_it_and_resume_falls_back(two_rank_run, tmp_p
     ckpt.verify(root / "step-000002")  # the files are whole: only the strict load notices
     with pytest.raises(CheckpointError, match=rf"missing key\(s\): {key.replace('.', '[.]')}"):
         restore_on_one(root / "step-000002")
-    model, params, opt, sched, ema = tiny_model()
+    model, _, opt, sched, ema = tiny_model()
     start, note = resume_sharded(root, model, opt, sched, ema, None, 0, torch.device("cpu"))
     assert start == 1 and key in note and "step-000002" in note
 
@@ -303,7 +303,7 @@ def test_export_round_trip_equals_the_model_state(two_rank_run, tmp_path, capsys
             name, _, sub = k[len("optim/"):].rpartition("/")
             assert torch.equal(optim["state"][name][sub], v), k
     # the full export restores like the sharded checkpoint (model, EMA, optimizer, scheduler)
-    step, model, opt, sched, ema = restore_on_one(out)
+    step, model, *_ = restore_on_one(out)
     assert step == 2 and all(torch.equal(model.state_dict()[k], v) for k, v in model_ref.items())
 
     # the CLI: the newest complete checkpoint of a directory, official layout; bad paths in one line
