@@ -44,7 +44,7 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
 def test_every_command_is_registered_and_every_option_is_explained():
     commands = subcommands()
     assert set(commands) == {"demo", "curate", "refresh", "train", "pipeline", "rl", "rl-tune", "recipe", "generate",
-                             "submit"}
+                             "export", "submit"}
     for name, parser in commands.items():
         assert parser.description, name
         for action in parser._actions:
