@@ -51,10 +51,13 @@ def test_stage_resumes_after_a_worker_failure_to_the_same_weights(ray_local, tmp
     exported = verify(reference.checkpoint)
     assert {"optimizer.safetensors", "optimizer.json", "trainer_state.json"} <= set(exported["files"])
     assert exported["step"] == 8 and exported["parts"] == []
-    ray_checkpoints = sorted(d for d in (tmp_path / "a" / "pt" / "ray" / "pt").glob("checkpoint_*") if d.is_dir())
-    assert ray_checkpoints
-    for d in ray_checkpoints:
-        assert verify(d)["parts"] == ["manifest.rank1.json"] and (d / "data_state_rank1.json").is_file()
+    # during the stage: sharded checkpoints, every rank's own files, the newest keep_checkpoints=2 kept
+    sharded = sorted(d for d in (tmp_path / "a" / "pt" / "checkpoints").iterdir() if d.is_dir())
+    assert [d.name for d in sharded] == ["step-000006", "step-000008"]
+    for d in sharded:
+        manifest = verify(d)
+        assert manifest["layout"] == "sharded" and manifest["parts"] == ["manifest.rank1.json"]
+        assert (d / "data_state_rank1.json").is_file() and (d / "model.rank1.safetensors").is_file()
         assert not (d / "optim").exists() and not list(d.glob("*.pt"))
     client = MlflowClient(default_tracking_uri(tmp_path / "a"))
     run = client.get_run(reference.run_id)
