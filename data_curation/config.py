@@ -243,6 +243,61 @@ class OutputConfig:
     store_pixels: bool = False
 
 
+SCENE_TASKS = ("t2v", "i2v")
+CAPTION_TASKS = ("t2i", "t2v", "i2v")
+CaptionModelKind = Literal["lance", "qwen25vl"]
+
+
+@configclass
+class SceneConfig:
+    """Scene splitting of long videos (PySceneDetect, no weights). When on, every t2v video (and an
+    i2v video without a separate source image) is cut into scenes and each scene is its own sample:
+    its span (`start_s`, `end_s`) is in the row, its frames are sampled inside it, and the duration
+    filters (`filters.min_seconds` / `max_seconds`) judge each scene. `threshold`: the detector's cut
+    threshold (content: change in HSV + edges, default 27; adaptive: ratio to the rolling average,
+    default 3); `min_scene_seconds`: no cut closer than this to the previous one."""
+
+    enabled: bool = False
+    detector: Literal["content", "adaptive"] = "content"
+    threshold: PositiveFloat | None = None
+    min_scene_seconds: NonNegativeFloat = 0.5
+
+
+@configclass
+class CaptionConfig:
+    """Re-captioning with an understanding model read from `path` (a Lance checkpoint directory:
+    its x2t path, greedy; or a Qwen2.5-VL checkpoint directory through transformers). The new caption
+    replaces `caption` (so it is what gets tokenized and trained on); the original stays in
+    `caption_original` and `caption_model` says `<model>:<path>`. Runs as a Ray Data actor pool of
+    `actors` actors, `batch_size` items per model call, `num_gpus` per actor ("auto" = 1 when the
+    cluster has GPUs). The model sees the item's VAE copy, scaled down to at most `max_area` pixels,
+    and at most `max_frames` frames of a video spread over the clip."""
+
+    enabled: bool = False
+    model: CaptionModelKind = "lance"
+    path: str | None = None
+    batch_size: PositiveInt = 4
+    actors: PositiveInt = 1
+    num_gpus: Literal["auto"] | NonNegativeFloat = "auto"
+    max_new_tokens: PositiveInt = 128
+    prompt: NonEmptyStr = "Describe this image in detail."
+    video_prompt: NonEmptyStr = "Describe this video in detail."
+    max_area: PositiveInt = 448 * 448
+    max_frames: PositiveInt = 16
+    tasks: Annotated[tuple[Literal[CAPTION_TASKS], ...], Field(min_length=1)] = CAPTION_TASKS
+
+    def validate(self, encode_vae: bool) -> None:
+        if not self.enabled:
+            return
+        require(bool(self.path), "captioning.path", self.path,
+                f"a local {self.model} checkpoint directory when captioning.enabled is true")
+        from pathlib import Path
+
+        require(Path(self.path).is_dir(), "captioning.path", self.path, "an existing checkpoint directory")
+        require(encode_vae, "captioning.enabled", self.enabled,
+                "false, or encode.vae: true (the captioner reads the item's VAE copy)")
+
+
 @configclass
 class TrackingConfig:
     enabled: bool = True
@@ -261,6 +316,8 @@ class CurationConfig:
     buckets: BucketConfig = field(default_factory=BucketConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    scenes: SceneConfig = field(default_factory=SceneConfig)
+    captioning: CaptionConfig = field(default_factory=CaptionConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray_address: str | None = None
     num_cpus: PositiveInt | None = None
@@ -275,4 +332,5 @@ class CurationConfig:
         self.filters.validate()
         require(self.encode.vae or self.encode.vit, "encode.vae/encode.vit", (self.encode.vae, self.encode.vit),
                 "at least one encoder on")
+        self.captioning.validate(self.encode.vae)
         return self

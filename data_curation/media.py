@@ -160,9 +160,10 @@ def sampled_fps(indices: np.ndarray, fps: float) -> float:
 
 
 def decode_video(data: bytes, target_fps: float, max_seconds: float,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, span: tuple[int, int] | None = None) -> Decoded:
     """Video bytes -> sampled RGB frames; the first sampled frame is checked against `max_pixels`
-    (0 = no limit) before the rest are decoded."""
+    (0 = no limit) before the rest are decoded. `span`: frames `[start, end)` of one scene, which
+    the frames are sampled from (and whose length is the duration); None = the whole clip."""
     if not data:
         raise MediaError("empty_file", "zero-byte video")
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -172,9 +173,13 @@ def decode_video(data: bytes, target_fps: float, max_seconds: float,
     try:
         reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0))
         source_frames, fps = len(reader), float(reader.get_avg_fps())
+        start, end = span if span is not None else (0, source_frames)
+        if not 0 <= start < end <= source_frames:
+            raise MediaError("bad_scene_span", f"frames [{start}, {end}) of a {source_frames}-frame video")
+        source_frames = end - start
         if source_frames < 2:  # no motion to measure: a clip, not a "static" video
             raise MediaError("too_short", f"{source_frames} frame: a video needs at least 2")
-        indices = sample_frame_indices(source_frames, fps, target_fps, max_seconds)
+        indices = start + sample_frame_indices(source_frames, fps, target_fps, max_seconds)
         first = reader.get_batch(indices[:1].tolist()).asnumpy()
         _check_pixels(first.shape[2], first.shape[1], max_pixels, "video frame")
         frames = (np.concatenate([first, reader.get_batch(indices[1:].tolist()).asnumpy()])
@@ -189,12 +194,27 @@ def decode_video(data: bytes, target_fps: float, max_seconds: float,
                    duration=source_frames / fps)
 
 
+def probe_video(data: bytes) -> tuple[int, float]:
+    """(frame count, fps) of video bytes, as decord reports them (the frame indices of `span`)."""
+    if not data:
+        raise MediaError("empty_file", "zero-byte video")
+    import decord
+
+    try:
+        reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0))
+        return len(reader), float(reader.get_avg_fps())
+    except (decord.DECORDError, RuntimeError, AssertionError) as exc:
+        raise MediaError("undecodable_video", str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__) from None
+
+
 def decode_media(data: bytes, kind: str, target_fps: float, max_seconds: float,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, background: tuple[int, int, int] = WHITE) -> Decoded:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, background: tuple[int, int, int] = WHITE,
+                 span: tuple[int, int] | None = None) -> Decoded:
+    """Image or video bytes -> `Decoded`; `span` (videos only): the scene's frames `[start, end)`."""
     if kind == "image":
         return decode_image(data, max_pixels, background)
     if kind == "video":
-        return decode_video(data, target_fps, max_seconds, max_pixels)
+        return decode_video(data, target_fps, max_seconds, max_pixels, span)
     raise MediaError("wrong_type", f"media kind {kind!r} is neither image nor video")
 
 

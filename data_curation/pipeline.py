@@ -30,12 +30,15 @@ from pathlib import Path
 import numpy as np
 
 from data_curation.buckets import choose_bucket
+from data_curation.captioning import CaptionStage
 from data_curation.config import CurationConfig
 from data_curation.dedup import Candidate, find_duplicates
 from data_curation.encoders import encoder_description, model_config
 from data_curation.report import count_outcomes, flat_metrics, write_report
+from data_curation.scenes import parent_uri
 from data_curation.sources import SourceItem, list_source
 from data_curation.stages import (
+    SCENE_COLUMNS,
     InspectStage,
     PrepareStage,
     TokenizeStage,
@@ -78,10 +81,10 @@ def _dataset(ray, rows: list[dict], batch_size: int):
     return ray.data.from_items(rows, override_num_blocks=max(1, min(256, math.ceil(len(rows) / batch_size))))
 
 
-def _num_gpus(ray, cfg: CurationConfig) -> float:
-    if cfg.encode.num_gpus == "auto":
+def _num_gpus(ray, setting: str | float) -> float:
+    if setting == "auto":
         return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    return float(cfg.encode.num_gpus)
+    return float(setting)
 
 
 def inspect_items(ray, items: list[SourceItem], cfg: CurationConfig) -> list[dict]:
@@ -91,12 +94,18 @@ def inspect_items(ray, items: list[SourceItem], cfg: CurationConfig) -> list[dic
 
 
 def encode_items(ray, rows: list[dict], cfg: CurationConfig, vae_stride: int, vit_stride: int, tokenizer: str):
-    """The pass-2 dataset: prepare → VAE pool → ViT pool → tokenize, yielding numpy batches."""
-    e = cfg.encode
-    gpus = _num_gpus(ray, cfg)
+    """The pass-2 dataset: prepare → caption pool (when on) → VAE pool → ViT pool → tokenize,
+    yielding numpy batches."""
+    e, c = cfg.encode, cfg.captioning
+    gpus = _num_gpus(ray, e.num_gpus)
     ds = _dataset(ray, rows, e.read_batch_size)
     ds = ds.map_batches(PrepareStage(cfg, vae_stride, vit_stride), batch_size=e.read_batch_size,
                         batch_format="numpy")
+    if c.enabled:
+        caption_gpus = _num_gpus(ray, c.num_gpus)
+        ds = ds.map_batches(CaptionStage, fn_constructor_args=(c, caption_gpus, e.torch_threads),
+                            compute=ray.data.ActorPoolStrategy(size=c.actors), batch_size=c.batch_size,
+                            num_cpus=e.actor_num_cpus, num_gpus=caption_gpus, batch_format="numpy")
     if e.vae:
         ds = ds.map_batches(VaeStage, fn_constructor_args=(cfg.model, e.store_logvar, gpus, e.torch_threads),
                             compute=ray.data.ActorPoolStrategy(size=e.vae_actors), batch_size=e.vae_batch_size,
@@ -163,7 +172,9 @@ def _check_dataset(dataset: CuratedDataset, manifest: Manifest, mode: str, encod
 
 
 def _list_new(cfg: CurationConfig, seen: set[tuple[str, str]]) -> tuple[int, list[SourceItem]]:
+    """(items listed, the ones the ledger has not seen); a scene's ledger key counts for its video."""
     listed = [item for src in cfg.sources for item in list_source(src)]
+    seen = {(parent_uri(uri), fingerprint) for uri, fingerprint in seen}
     return len(listed), [i for i in listed if (i.source_uri, i.fingerprint) not in seen]
 
 
@@ -209,7 +220,8 @@ def _run(cfg, mode, dataset, manifest, model_cfg, encoder, on_shard, tracker) ->
     apply_dedup(inspected, cfg, dataset.curated_candidates(ledger))
     kept = sorted((r for r in inspected if r["status"] == "ok"), key=lambda r: encode_order(r, cfg))
     by_uri = {i.source_uri: i for i in new}
-    work = [{**asdict(by_uri[r["source_uri"]]), "sample_id": r["sample_id"]} for r in kept]
+    work = [{**asdict(by_uri[parent_uri(r["source_uri"])]), "source_uri": r["source_uri"], "sample_id": r["sample_id"],
+             **{k: r.get(k) for k in SCENE_COLUMNS}} for r in kept]
 
     run = len(manifest.runs)
     writer = ShardWriter(dataset, run, cfg.output.target_shard_bytes, encoder, on_shard,
@@ -232,6 +244,9 @@ def _run(cfg, mode, dataset, manifest, model_cfg, encoder, on_shard, tracker) ->
             row.update(status="quarantined", reason=late["reason"], detail=late["detail"])
 
     counts.update(count_outcomes(inspected))
+    if cfg.scenes.enabled:
+        split = Counter(parent_uri(r["source_uri"]) for r in inspected if r.get("start_frame") is not None)
+        counts["scenes"] = {"videos": len(split), "scenes": sum(split.values())}
     counts["curated"] = sum(s["rows"] for s in writer.shards)
     counts["shards"] = len(writer.shards)
     report_rel = f"reports/run-{run:05d}"

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from data_curation.buckets import bucket_size, choose_bucket, resize_crop
-from data_curation.config import CurationConfig, ModelRef
+from data_curation.config import SCENE_TASKS, CurationConfig, ModelRef
 from data_curation.dedup import perceptual_hash
 from data_curation.filters import (
     ItemStats,
@@ -40,7 +40,17 @@ from data_curation.filters import (
     script_counts,
     text_density,
 )
-from data_curation.media import Decoded, MediaError, check_size, decode_media, decode_text, encode_pixels
+from data_curation.media import (
+    Decoded,
+    Fetched,
+    MediaError,
+    check_size,
+    decode_media,
+    decode_text,
+    encode_pixels,
+    probe_video,
+)
+from data_curation.scenes import detect_scenes, scene_sample_id, scene_uri
 from lance_platform.schema import SLOTS, tensor_to_bytes
 from data_curation.sources import TEXT_FIELDS, UNDERSTANDING_TASKS, Fetcher, main_slot
 
@@ -108,13 +118,21 @@ class LoadedItem:
     is_video: bool
 
 
-def load_item(fetcher: Fetcher, item: dict, cfg: CurationConfig) -> LoadedItem:
-    """Fetch + decode + validate one item; raises MediaError with the quarantine reason."""
-    task = item["task"]
+def fetch_item(fetcher: Fetcher, item: dict) -> Fetched:
     try:
-        fetched = fetcher.fetch(item)
+        return fetcher.fetch(item)
     except FileNotFoundError as exc:
         raise MediaError("missing_file", str(exc)) from None
+
+
+def load_item(fetcher: Fetcher, item: dict, cfg: CurationConfig, span: tuple[int, int] | None = None,
+              fetched: Fetched | None = None) -> LoadedItem:
+    """Fetch (unless `fetched` is given) + decode + validate one item; raises MediaError with the
+    quarantine reason. `span`: the frames `[start, end)` of one scene of the main video, which is
+    then what is decoded and what the sample id hashes."""
+    task = item["task"]
+    if fetched is None:
+        fetched = fetch_item(fetcher, item)
     understanding = task in UNDERSTANDING_TASKS
     max_seconds = cfg.decode.understanding_max_seconds if understanding else cfg.decode.max_seconds
     limit = cfg.checks.max_caption_chars
@@ -123,28 +141,44 @@ def load_item(fetcher: Fetcher, item: dict, cfg: CurationConfig) -> LoadedItem:
     text = {"caption": caption,
             "question": decode_text(fetched.text["question"], "question", understanding and caption is None, limit),
             "answer": decode_text(fetched.text["answer"], "answer", understanding, limit)}
+    main = main_slot(task)
     visuals = {}
     for slot, (data, kind) in fetched.media.items():
         visuals[slot] = decode_media(data, kind, cfg.decode.target_fps, max_seconds, cfg.checks.max_pixels,
-                                     tuple(cfg.decode.alpha_background))
+                                     tuple(cfg.decode.alpha_background), span if slot == main else None)
         check_size(visuals[slot], cfg.checks.min_side, cfg.checks.max_side)
-    main = main_slot(task)
     if main not in visuals:
         raise MediaError("missing_media", f"task {task} needs a {main} visual")
     is_video = fetched.media[main][1] == "video"
-    return LoadedItem(fetched.sample_id(), visuals, text, is_video)
+    sample_id = fetched.sample_id() if span is None else scene_sample_id(fetched.sample_id(), *span)
+    return LoadedItem(sample_id, visuals, text, is_video)
 
 
-def guarded_load(fetcher: Fetcher, item: dict, cfg: CurationConfig) -> LoadedItem:
-    """`load_item`, with any exception other than a MediaError turned into an `unexpected_error` one:
-    a reader or decoder failing in a way nobody planned for costs that item, not the job."""
+def guarded(fn, item: dict, *args, **kwargs):
+    """`fn(*args, **kwargs)`, with any exception other than a MediaError turned into an
+    `unexpected_error` one: a reader or decoder failing in a way nobody planned for costs that
+    item, not the job."""
     try:
-        return load_item(fetcher, item, cfg)
+        return fn(*args, **kwargs)
     except MediaError:
         raise
     except Exception as exc:  # noqa: BLE001 - one item's failure must not stop the job
         log.warning("quarantined %s: unexpected %s", item.get("source_uri"), type(exc).__name__, exc_info=True)
         raise MediaError("unexpected_error", f"{type(exc).__name__}: {exc}"[:500]) from None
+
+
+def guarded_load(fetcher: Fetcher, item: dict, cfg: CurationConfig, span: tuple[int, int] | None = None,
+                 fetched: Fetched | None = None) -> LoadedItem:
+    """`load_item` under `guarded`."""
+    return guarded(load_item, item, fetcher, item, cfg, span, fetched)
+
+
+def item_span(item: dict) -> tuple[int, int] | None:
+    """The scene span `[start_frame, end_frame)` a pass-2 item carries (None: the whole clip)."""
+    start, end = item.get("start_frame"), item.get("end_frame")
+    if _missing(start) or _missing(end):
+        return None
+    return int(start), int(end)
 
 
 def _main_text(text: dict[str, str | None]) -> str:
@@ -153,26 +187,56 @@ def _main_text(text: dict[str, str | None]) -> str:
 
 
 # ---------------------------------------------------------------------------------------- pass 1
+SCENE_COLUMNS = ["start_frame", "end_frame", "start_s", "end_s"]
 INSPECT_COLUMNS = ["source_uri", "fingerprint", "task", "sample_id", "status", "reason", "detail", "height",
-                   "width", "num_frames", "duration", "caption_chars", "blur_score", "motion_score", "phash"]
+                   "width", "num_frames", "duration", "caption_chars", "blur_score", "motion_score", "phash",
+                   *SCENE_COLUMNS]
 
 
 class InspectStage:
     """Items (source_uri, fingerprint, task, locator) -> metadata rows with status ok / quarantined /
-    filtered, the filter scores and a perceptual hash."""
+    filtered, the filter scores and a perceptual hash. With `scenes.enabled`, a video item gives one
+    row per scene (`source_uri` = `scenes.scene_uri`, its span in `start_frame`/`end_frame` and
+    `start_s`/`end_s`), each inspected and filtered as an item of its own."""
 
     def __init__(self, cfg: CurationConfig) -> None:
         self.cfg = cfg
         self.fetcher = Fetcher()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return to_batch([self.inspect(item) for item in rows_of(batch)], INSPECT_COLUMNS)
+        return to_batch([row for item in rows_of(batch) for row in self.inspect_all(item)], INSPECT_COLUMNS)
 
-    def inspect(self, item: dict) -> dict:
+    def inspect_all(self, item: dict) -> list[dict]:
+        """The rows of one item: one, or one per scene when it is a video to split."""
+        if not self.cfg.scenes.enabled or item["task"] not in SCENE_TASKS:
+            return [self.inspect(item)]
+        try:
+            fetched = guarded(fetch_item, item, self.fetcher, item)
+            main = main_slot(item["task"])
+            if fetched.media.get(main, (b"", None))[1] != "video" or "source" in fetched.media:
+                return [self.inspect(item, fetched=fetched)]  # a still, or an i2v clip with its own image
+            data = fetched.media[main][0]
+            num_frames, fps = guarded(probe_video, item, data)
+            scenes = guarded(detect_scenes, item, data, self.cfg.scenes, fps, num_frames)
+        except MediaError as exc:
+            return [self.inspect(item, error=exc)]
+        log.debug("%s: %d scene(s)", item["source_uri"], len(scenes))
+        rows = []
+        for scene in scenes:
+            part = {**item, "source_uri": scene_uri(item["source_uri"], scene)}
+            rows.append({**self.inspect(part, fetched=fetched, span=(scene.start, scene.end)),
+                         "start_frame": scene.start, "end_frame": scene.end,
+                         "start_s": scene.start_s, "end_s": scene.end_s})
+        return rows
+
+    def inspect(self, item: dict, fetched: Fetched | None = None, span: tuple[int, int] | None = None,
+                error: MediaError | None = None) -> dict:
         row = {"source_uri": item["source_uri"], "fingerprint": item["fingerprint"], "task": item["task"],
                "status": "ok", "reason": None, "detail": None}
         try:
-            loaded = guarded_load(self.fetcher, item, self.cfg)
+            if error is not None:
+                raise error
+            loaded = guarded_load(self.fetcher, item, self.cfg, span, fetched)
         except MediaError as exc:
             return {**row, "status": "quarantined", "reason": exc.reason, "detail": exc.detail}
         main = loaded.visuals[main_slot(item["task"])]
@@ -194,7 +258,7 @@ class InspectStage:
 
 # ---------------------------------------------------------------------------------------- pass 2
 PREPARE_COLUMNS = ["sample_id", "task", "source_uri", "status", "reason", "detail", *TEXT_FIELDS, "height",
-                   "width", "num_frames", "fps", "bucket", "blur_score", "motion_score",
+                   "width", "num_frames", "fps", "bucket", "blur_score", "motion_score", "start_s", "end_s",
                    *[f"{s}_{c}_in" for s in SLOTS for c in ("vae", "vit")], *[f"{s}_pixels" for s in SLOTS]]
 
 
@@ -228,8 +292,11 @@ class PrepareStage:
         task = item["task"]
         row = {"sample_id": item["sample_id"], "task": task, "source_uri": item["source_uri"], "status": "ok",
                **{f"{s}_{c}_in": EMPTY_FRAMES for s in SLOTS for c in ("vae", "vit")}}
+        span = item_span(item)
+        if span is not None:
+            row.update(start_s=float(item["start_s"]), end_s=float(item["end_s"]))
         try:
-            loaded = guarded_load(self.fetcher, item, self.cfg)
+            loaded = guarded_load(self.fetcher, item, self.cfg, span)
         except MediaError as exc:  # the item changed between the two passes
             return {**row, "status": "quarantined", "reason": exc.reason, "detail": exc.detail}
         if loaded.sample_id != item["sample_id"]:

@@ -84,6 +84,10 @@ def shard_schema() -> pa.Schema:
             (f"{slot}_pixels", pa.binary()),
         ]
     fields += [("blur_score", pa.float32()), ("motion_score", pa.float32())]
+    # optional, null when unused (a shard written before them reads the same): the scene's span in
+    # its source video (scene splitting), and the caption a curation model replaced plus that model
+    fields += [("start_s", pa.float64()), ("end_s", pa.float64()),
+               ("caption_original", pa.string()), ("caption_model", pa.string())]
     return pa.schema([pa.field(name, typ, nullable=True) for name, typ in fields])
 
 
