@@ -37,7 +37,7 @@ def caption_frames(frames: np.ndarray, max_area: int, max_frames: int) -> torch.
     uniformly over the clip, scaled down (aspect kept) to at most `max_area` pixels."""
     if len(frames) > max_frames:
         frames = frames[np.round(np.linspace(0, len(frames) - 1, max_frames)).astype(np.int64)]
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0
+    x = torch.from_numpy(np.array(frames)).permute(0, 3, 1, 2).float() / 255.0
     h, w = x.shape[2], x.shape[3]
     if h * w > max_area:
         scale = (max_area / (h * w)) ** 0.5

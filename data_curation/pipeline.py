@@ -6,8 +6,11 @@ Two streaming Ray Data passes, because dedup is a global decision:
    is a few numbers per item, collected on the driver.
 2. the driver drops exact and near duplicates (against this run and the ledger of earlier runs),
    orders the kept items by bucket and frame count (so encoder batches are mostly one bucket), and
-   streams them through prepare (CPU tasks) → VAE and ViT actor pools → tokenize; shards are written
-   from the driver as batches arrive.
+   streams them through prepare (CPU tasks) → caption actor pool (optional) → VAE and ViT actor
+   pools → tokenize; shards are written from the driver as batches arrive.
+
+With scene splitting on, pass 1 yields one row per scene (keyed `<uri>#t=<start>,<end>`), and from
+there on a scene is an item: deduplicated, encoded, written and entered in the ledger on its own.
 
 Decoding twice is the price of not holding a whole refresh's pixels in the object store.
 `curate` starts a dataset (refusing to write over one), `refresh` appends to it; both skip every
@@ -98,6 +101,12 @@ def encode_items(ray, rows: list[dict], cfg: CurationConfig, vae_stride: int, vi
     yielding numpy batches."""
     e, c = cfg.encode, cfg.captioning
     gpus = _num_gpus(ray, e.num_gpus)
+    actors = (e.vae_actors if e.vae else 0) + (e.vit_actors if e.vit else 0) + (c.actors if c.enabled else 0)
+    free = ray.cluster_resources().get("CPU", 0) - actors * e.actor_num_cpus
+    if free < 1:  # the prepare / tokenize tasks need a whole CPU: Ray Data would wait for ever
+        log.warning("the %d encoder/caption actors hold %.2f CPUs of %.0f, leaving %.2f for the prepare and "
+                    "tokenize tasks, which need 1: lower encode.actor_num_cpus or the actor counts",
+                    actors, actors * e.actor_num_cpus, ray.cluster_resources().get("CPU", 0), free)
     ds = _dataset(ray, rows, e.read_batch_size)
     ds = ds.map_batches(PrepareStage(cfg, vae_stride, vit_stride), batch_size=e.read_batch_size,
                         batch_format="numpy")

@@ -7,13 +7,15 @@ composed by `pipeline.py` with `Dataset.map_batches`. CPU stages (`InspectStage`
 once per actor.
 
 - `InspectStage` (pass 1): fetch, decode, validate, score and filter each item, and hash it for
-  dedup. It outputs small metadata rows only: a rejected item gets `status` + `reason`, never
+  dedup; with `scenes.enabled` a video is first cut into scenes (`data_curation.scenes`) and each
+  scene is inspected as an item of its own (its frame span travels to pass 2 with it). It outputs small metadata rows only: a rejected item gets `status` + `reason`, never
   disappears. Any other exception one item raises is quarantined as `unexpected_error` (with the
   exception in the detail, and logged), so no single item can stop a job.
 - `PrepareStage` (pass 2): fetch and decode the kept items again, choose the aspect bucket and make
   the VAE copy and the ViT copy of every slot the task needs (uint8 frames [F, H, W, 3]; a slot
   that needs no copy holds an empty [0, 0, 0, 3] array so the column stays one array type); with
   `output.store_pixels`, also `<slot>_pixels`: the bucketed copy as PNG / MP4 bytes for evaluation.
+- `CaptionStage` (`data_curation.captioning`, optional): an actor pool that re-captions the rows.
 - `VaeStage` / `VitStage`: encode each group of equal-shape inputs as one stacked batch (a batch
   never mixes buckets or frame counts, so nothing is padded) and store bf16 bytes + shapes.
 - `TokenizeStage`: token ids of caption / question / answer with the model's tokenizer.
@@ -86,7 +88,7 @@ INT_LIST_SUFFIXES = ("_shape", "_grid", "_ids")
 
 def _missing(value) -> bool:
     # Ray hands an all-null column of a batch back as float NaN.
-    return value is None or (isinstance(value, float) and math.isnan(value))
+    return value is None or (isinstance(value, (float, np.floating)) and math.isnan(value))
 
 
 def shard_row(row: dict) -> dict:

@@ -97,24 +97,59 @@ def test_each_scene_is_inspected_filtered_and_sampled_on_its_own(corpus, folder_
     assert (prepared["start_s"], prepared["end_s"]) == (kept["start_s"], kept["end_s"])
 
 
-def test_curated_run_has_one_row_per_kept_scene(ray_local, corpus, folder_config, tmp_path):
-    from data_curation.pipeline import run_curation
+def test_curated_run_has_one_row_per_kept_scene_and_new_captions(ray_local, corpus, folder_config, tmp_path):
+    """One Ray run for both optional stages: scenes split, and every row re-captioned by a tiny
+    random Lance checkpoint (its caption = the greedy x2t decode of the row's stored pixels)."""
+    import shutil
 
+    import torch
+
+    from data_curation.media import decode_image, encode_image
+    from data_curation.pipeline import run_curation
+    from data_curation.synthetic import render_text_image
+    from lance_model import Lance, LanceConfig
+    from lance_model.generation import LanceGenerator, Request, TextOptions
+    from lance_model.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    model = Lance(LanceConfig.from_preset("tiny"))
+    model.init_weights(std=0.05)
+    model.save_pretrained(tmp_path / "ckpt")
+    root = tmp_path / "corpus"
+    root.mkdir()
+    shutil.copy(corpus / "shots.mp4", root / "shots.mp4")
+    (root / "sign.png").write_bytes(encode_image(render_text_image("CAT", 64, 96, seed=1)))
+    (root / "captions.jsonl").write_text(json.dumps({"path": "shots.mp4", "caption": "three shots"}) + "\n"
+                                         + json.dumps({"path": "sign.png", "caption": "a sign: CAT"}) + "\n")
     out = tmp_path / "out"
-    cfg = folder_config(corpus, out, "scenes.enabled=true", "filters.min_seconds=2.2", "filters.min_motion=0",
-                        "filters.min_blur=0")
+    cfg = folder_config(root, out, "scenes.enabled=true", "filters.min_seconds=2.2", "filters.min_motion=0",
+                        "filters.min_blur=0", "output.store_pixels=true", "captioning.enabled=true",
+                        f"captioning.path='{tmp_path / 'ckpt'}'", "captioning.max_new_tokens=5",
+                        "encode.actor_num_cpus=0.3")  # three actor pools on 2 CPUs leave 1 for the tasks
     result = run_curation(cfg, "curate")
-    assert result.counts["new"] == 1 and result.counts["scenes"] == {"videos": 1, "scenes": 3}
-    assert result.counts["curated"] == 2 and result.counts["filtered"] == {"duration": 1}
+    assert result.counts["new"] == 2 and result.counts["scenes"] == {"videos": 1, "scenes": 3}
+    assert result.counts["curated"] == 3 and result.counts["filtered"] == {"duration": 1}
     manifest = json.loads((out / "manifest.json").read_text())
     rows = [r for s in manifest["shards"] for r in read_shard(out / s["path"]).to_pylist()]
-    spans = sorted((round(r["start_s"] * FPS), round(r["end_s"] * FPS)) for r in rows)
+    videos = [r for r in rows if r["task"] == "t2v"]
+    spans = sorted((round(r["start_s"] * FPS), round(r["end_s"] * FPS)) for r in videos)
     assert len(spans) == 2 and spans[1][1] == TOTAL
     assert abs(spans[0][0] - CUTS[0]) <= 1 and abs(spans[1][0] - CUTS[1]) <= 1 and spans[0][1] == spans[1][0]
-    assert all(r["task"] == "t2v" and r["caption"] == "three shots" for r in rows)
     ledger = pq.read_table(out / "ledger" / "run-00000.parquet").to_pylist()
-    assert sorted(r["outcome"] for r in ledger) == ["curated", "curated", "filtered:duration"]
+    assert sorted(r["outcome"] for r in ledger) == ["curated", "curated", "curated", "filtered:duration"]
     quarantine = pq.read_table(out / "quarantine" / "run-00000.parquet").to_pylist()
     assert [(q["reason"], q["source_uri"].endswith(",2.000")) for q in quarantine] == [("duration", True)]
+    # captions: new ones tokenized, web ones kept, the model named
+    tokenizer = load_tokenizer(LanceConfig.from_preset("tiny").tokenizer)
+    tag = f"lance:{(tmp_path / 'ckpt').resolve()}"
+    assert sorted(r["caption_original"] for r in rows) == ["a sign: CAT", "three shots", "three shots"]
+    for r in rows:
+        assert r["caption_model"] == tag and r["caption"] and r["caption"] != r["caption_original"]
+        assert r["caption_ids"] == tokenizer.encode(r["caption"])
+    [image] = [r for r in rows if r["task"] == "t2i"]
+    frames = torch.from_numpy(decode_image(image["target_pixels"]).frames.copy()).permute(0, 3, 1, 2).float() / 255.0
+    [expected] = LanceGenerator(Lance.from_pretrained(tmp_path / "ckpt")).generate(
+        [Request("i2t", cfg.captioning.prompt, source=frames)], text=TextOptions(max_new_tokens=5))
+    assert image["caption"] == expected.text.text.strip()
     again = run_curation(cfg, "refresh")  # the video's scenes are in the ledger: nothing is new
     assert again.counts["new"] == 0 and again.run is None
