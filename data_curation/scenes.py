@@ -10,6 +10,7 @@ span, so two scenes of one video are two samples and the same scene curated twic
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import re
 import tempfile
@@ -74,7 +75,7 @@ def detect_scenes(data: bytes, cfg: SceneConfig, fps: float, num_frames: int) ->
             raise MediaError("undecodable_video", f"scene detection: {type(exc).__name__}: {exc}"[:300]) from None
     cuts = sorted({_frame(start) for start, _ in found if 0 < _frame(start) < num_frames})
     bounds = [0, *cuts, num_frames]
-    return [Scene(a, b, fps) for a, b in zip(bounds, bounds[1:]) if b > a]
+    return [Scene(a, b, fps) for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def scene_uri(uri: str, scene: Scene) -> str:

@@ -4,6 +4,7 @@ from inside its span, and a curated run stores one row per kept scene with its s
 the video as done)."""
 from __future__ import annotations
 
+import itertools
 import json
 
 import cv2
@@ -51,7 +52,7 @@ def test_detected_spans_match_the_known_cuts(corpus):
         scenes = detect_scenes(data, SceneConfig(enabled=True, detector=detector), FPS, TOTAL)
         assert len(scenes) == 3, (detector, scenes)
         assert scenes[0].start == 0 and scenes[-1].end == TOTAL
-        assert all(a.end == b.start for a, b in zip(scenes, scenes[1:]))
+        assert all(a.end == b.start for a, b in itertools.pairwise(scenes))
         for scene, cut in zip(scenes[1:], CUTS):
             assert abs(scene.start - cut) <= 1, (detector, scenes)
     # a threshold no shot change reaches: one scene, the whole clip
