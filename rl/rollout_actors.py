@@ -27,6 +27,7 @@ optimizer state during rollouts). On the CPU there is nothing to free and both a
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Sequence
@@ -148,13 +149,21 @@ class RolloutPool:
 
         self._weights = state if isinstance(state, ray.ObjectRef) else ray.put(state)
         self.version = version
-        self._loads = [a.load_weights.remote(self._weights, version) for a in self.actors]
+        self._loads = [(a, a.load_weights.remote(self._weights, version)) for a in self.actors]
 
     def _wait_loads(self) -> None:
+        """Wait for the last push; an actor that died meanwhile is replaced (and gets the weights)."""
         import ray
+        from ray.exceptions import RayActorError
 
         loads, self._loads = self._loads, []
-        ray.get(loads)
+        for k, (handle, ref) in enumerate(loads):
+            try:
+                ray.get(ref)
+            except RayActorError as exc:
+                log.warning("rollout actor %d died (%s) before loading weights version %s; restarted",
+                            k, type(exc).__name__, self.version)
+                self._replace(k, handle)
 
     def _replace(self, index: int, dead) -> object:
         import ray
@@ -217,7 +226,7 @@ class RolloutPool:
         self._wait_loads()
         bounds = np.linspace(0, len(prompts), len(self.actors) + 1).round().astype(int)
         pending = []
-        for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        for k, (a, b) in enumerate(itertools.pairwise(bounds)):
             if b > a:
                 args = ("evaluate", prompts[a:b], seeds[a:b], steps, cfg_scale)
                 pending.append(_Pending(k, self.actors[k], args, self.actors[k].evaluate.remote(*args[1:])))

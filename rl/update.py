@@ -22,6 +22,7 @@ import contextlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -127,9 +128,9 @@ def run_update(ctx: UpdateContext, cfg: RLConfig, step: int, trajs: list[Traject
                     if ref_session is not None:  # first: LoRA's reference toggles the adapters
                         ref_model = policy if reference is policy else reference
                         with torch.no_grad(), ref_mode():
-                            _, mean_ref, _ = forward(ref_model, lambda: ctx.log_prob(ref_session, x, x_next, t, t_next,
-                                                                                     noise))
-                    logp, mean, std = forward(policy, lambda: ctx.log_prob(session, x, x_next, t, t_next, noise))
+                            _, mean_ref, _ = forward(ref_model, partial(ctx.log_prob, ref_session, x, x_next, t,
+                                                                        t_next, noise))
+                    logp, mean, std = forward(policy, partial(ctx.log_prob, session, x, x_next, t, t_next, noise))
                     old = traj.log_probs[:, j][idx].to(dev)
                     ratio = torch.exp(logp - old.detach())
                     a = adv.detach().to(ratio.dtype)
