@@ -11,8 +11,8 @@ by the rollout itself and by the update. With the uncached velocity path (`kv_ca
 the same micro-batch, the update's first recomputation repeats the rollout's arithmetic exactly,
 so the importance ratio of a fresh on-policy update is exactly 1.
 
-`RolloutWorker` owns a policy (shared with the trainer in-process, or a copy on another device /
-Ray actor in a disaggregated layout), samples, decodes to RGB uint8, and runs the deterministic ODE
+`RolloutWorker` owns a policy (shared with the trainer in-process, or its own copy inside a
+`rl.rollout_actors.RolloutActor`), samples, decodes to RGB uint8, and runs the deterministic ODE
 sampler for held-out evaluation.
 """
 from __future__ import annotations

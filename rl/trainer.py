@@ -12,8 +12,8 @@ One iteration:
    path, clipped-ratio loss + beta * KL to the frozen reference, accumulate over steps, clip the
    gradient norm, AdamW step. Micro-batches are the rollout's own, so the first recomputation
    repeats the rollout's arithmetic and the first step's ratio is exactly 1;
-5. push the new weights to the rollout worker (in-process the worker shares the policy module,
-   so there is nothing to copy; a worker holding its own copy gets `load_weights`);
+5. push the new weights, as version `step`, to the rollout workers (in-process the worker shares
+   the policy module, so there is nothing to copy; rollout actors load one object-store copy);
 6. log reward mean/std and per component, the counters as they are (groups trained and skipped:
    a group whose rewards are all equal has zero advantages; optimizer steps taken; trained
    samples, transitions and SDE steps, all 0 when nothing was trained), OCR failures, KL, clip
@@ -21,8 +21,13 @@ One iteration:
    prompts. The held-out evaluation runs before the first iteration too (logged at step 0), so
    the start and the end of a run are compared on the same prompts and seeds.
 
-On one CPU machine everything except the reward actors runs in the driver process; the reward
-actors run on Ray either way. Checkpoints (`workdir/checkpoints/step-NNNNNN`) are
+By default everything except the reward actors runs in the driver process; the reward actors run
+on Ray either way. `rollout.num_workers: N` samples on N rollout actors (`rl.rollout_actors`:
+versioned weight pushes, stale rollouts detected, colocated or disaggregated), and
+`grpo.train_workers: N` runs the update split by sample over N FSDP2 training workers in one
+torch.distributed group (`rl.train_workers`); the driver then keeps an unsharded copy of the
+policy for checkpoints, held-out evaluation and pushes. Both reproduce the in-process run for the
+same seed (`rl.update` is the one update implementation). Checkpoints (`workdir/checkpoints/step-NNNNNN`) are
 `lance_platform.checkpoint` directories, the format training stages write: the policy in the
 official key layout, the optimizer state keyed by parameter name, the step, a manifest; nothing is
 unpickled. A run with `resume: true` continues from the newest one that verifies (a damaged newer
@@ -67,7 +72,6 @@ from .config import PolicyConfig, RLConfig
 from .grpo import group_advantages, window_steps
 from .monitors import Monitors
 from .ocr import preflight
-from .prompts import load_prompt_file, synthetic_prompts
 from .policy import (
     build_policy,
     build_run_policy,
@@ -77,6 +81,7 @@ from .policy import (
     sampler_options,
     weights_to_push,
 )
+from .prompts import load_prompt_file, synthetic_prompts
 from .rewards import RewardBatch, check_prompts, combine_rewards
 from .rollout import RolloutWorker, Trajectories, transition_log_prob
 from .rollout_actors import RolloutPool
