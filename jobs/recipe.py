@@ -425,6 +425,11 @@ def run_recipe(config: str | Path, stages: tuple[str, ...] = STAGES, overrides: 
                 log.info("recipe: stage %s already finished (%s); skipped", stage, marker(workdir, stage))
             else:
                 ray_started()
+                if pool is not None:
+                    # the evaluation's reward actors hold CPUs (GPUs) a stage's workers need: a stage
+                    # started beside them can wait for resources that never free up
+                    pool.shutdown()
+                    pool = None
                 start = time.time()
                 extra: dict = {}
                 if stage == "curate":
