@@ -259,7 +259,10 @@ def evaluate_checkpoint(checkpoint: Path, cfg: RecipeConfigs, pool) -> tuple[dic
     words = heldout_words(cfg.curate)[:e.words]
     spec = cfg.curate.sources[0].synthetic
     height, width = cfg.rl.rollout.height, cfg.rl.rollout.width
-    generator = LanceGenerator.from_pretrained(checkpoint, device=resolve_device(e.device))
+    device = resolve_device(e.device)
+    # bf16 on a GPU, as `lance-pipeline generate` runs by default
+    generator = LanceGenerator.from_pretrained(checkpoint, device=device,
+                                               dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     prompts = [image_caption(w) for w in words]
     sampler = SamplerOptions(num_steps=e.steps, text_scale=e.cfg_scale, noise_level=None)
     outputs = generator.generate([Request("t2i", p, height, width, seed=i) for i, p in enumerate(prompts)],
@@ -425,6 +428,11 @@ def run_recipe(config: str | Path, stages: tuple[str, ...] = STAGES, overrides: 
                 log.info("recipe: stage %s already finished (%s); skipped", stage, marker(workdir, stage))
             else:
                 ray_started()
+                if pool is not None:
+                    # the evaluation's reward actors hold CPUs (GPUs) a stage's workers need: a stage
+                    # started beside them can wait for resources that never free up
+                    pool.shutdown()
+                    pool = None
                 start = time.time()
                 extra: dict = {}
                 if stage == "curate":

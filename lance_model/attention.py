@@ -270,13 +270,17 @@ def flash_available() -> bool:
     return torch.cuda.is_available()
 
 
-def make_backend(name: str, device: torch.device | str) -> AttentionBackend:
-    """`auto`: flash varlen on CUDA (the fastest measured, benchmarks/BENCHMARKS.md), dense SDPA on
-    CPU. `flash` needs a CUDA GPU: it runs the flash-attn package when installed, else PyTorch's
-    bundled FlashAttention-2 kernels."""
+HALF = (torch.bfloat16, torch.float16)
+
+
+def make_backend(name: str, device: torch.device | str, dtype: torch.dtype | None = None) -> AttentionBackend:
+    """`auto`: flash varlen on CUDA for bf16/fp16 activations (the fastest measured,
+    benchmarks/BENCHMARKS.md), dense SDPA on CPU and for fp32 activations (FlashAttention has no
+    fp32 kernels). `flash` needs a CUDA GPU: it runs the flash-attn package when installed, else
+    PyTorch's bundled FlashAttention-2 kernels. `dtype` None: the activations are taken to be half."""
     device = torch.device(device)
     if name == "auto":
-        name = "flash" if device.type == "cuda" else "sdpa"
+        name = "flash" if device.type == "cuda" and (dtype is None or dtype in HALF) else "sdpa"
     if name == "sdpa":
         return SdpaAttention()
     if name == "flex":
@@ -285,5 +289,8 @@ def make_backend(name: str, device: torch.device | str) -> AttentionBackend:
         if device.type != "cuda":
             raise RuntimeError("attention_backend='flash' needs a CUDA GPU (it runs flash-attn when installed: "
                                "pip install 'lance-pipelines[gpu]'; else PyTorch's bundled flash kernels)")
+        if dtype is not None and dtype not in HALF:
+            raise RuntimeError(f"attention_backend='flash' runs bf16/fp16 only, the activations are {dtype}: "
+                               "load the model in bf16 (e.g. dtype=torch.bfloat16) or use attention_backend=auto")
         return FlashVarlenAttention()
     raise ValueError(f"attention_backend={name!r}: expected one of auto, sdpa, flex, flash")

@@ -344,10 +344,10 @@ def prefill(model: Lance, batch: PackedBatch, target: int | None = None, capacit
     `TargetKVCache` with room for `target` tokens per row (denoising), or a `KVCache` of `capacity`
     slots per row (decoding). Returns (cache, final und hidden states, final gen hidden states)."""
     device = batch.positions.device
-    backend = model.attention_backend(device)
-    state = backend.prepare(batch.layout)
     text = model.config.text
     dtype = model.language_model.model.embed_tokens.weight.dtype
+    backend = model.attention_backend(device, dtype)
+    state = backend.prepare(batch.layout)
     shape = (text.num_hidden_layers, list(batch.sample_lens))
     if target is not None:
         cache = TargetKVCache(*shape, target, text.num_key_value_heads, text.head_dim, dtype, device)

@@ -101,10 +101,11 @@ class Lance(nn.Module):
             init_tensor(name, p, std, generator)
         self.latent_pos_embed.reset_table()
 
-    def attention_backend(self, device: torch.device) -> AttentionBackend:
-        key = (self.config.attention_backend, device.type)
+    def attention_backend(self, device: torch.device, dtype: torch.dtype | None = None) -> AttentionBackend:
+        """The attention implementation for activations of `dtype` on `device` (see `make_backend`)."""
+        key = (self.config.attention_backend, device.type, dtype)
         if key not in self._backends:
-            self._backends[key] = make_backend(self.config.attention_backend, device)
+            self._backends[key] = make_backend(self.config.attention_backend, device, dtype)
         return self._backends[key]
 
     def num_parameters(self) -> dict[str, int]:
@@ -148,7 +149,7 @@ class Lance(nn.Module):
 
     def backbone(self, batch: PackedBatch, x_und: torch.Tensor, x_gen: torch.Tensor):
         """Run the MoT decoder with the batch's mask; returns the final-normed hidden states of both streams."""
-        backend = self.attention_backend(x_und.device)
+        backend = self.attention_backend(x_und.device, x_und.dtype)
         state = backend.prepare(batch.layout)
         return self.run_decoder(batch.positions, x_und, x_gen, lambda i, q, k, v: backend.attend(q, k, v, state))
 

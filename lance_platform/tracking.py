@@ -191,7 +191,7 @@ class Tracker:
         return self.run_id
 
     def end(self, status: str = "FINISHED") -> None:
-        self._call("end", self.client.set_terminated, self.run_id, status=status)
+        self._call("end", lambda: self.client.set_terminated(self.run_id, status=status))
 
     def end_open_children(self, status: str, tags: dict[str, str] | None = None) -> list[str]:
         """End every child run of this run that is still RUNNING (e.g. trials whose process was
@@ -215,23 +215,23 @@ class Tracker:
         flat = flatten(params)
         items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in flat.items()]
         for i in range(0, len(items), 100):
-            self._call("log_params", self.client.log_batch, self.run_id, params=items[i:i + 100])
+            self._call("log_params", lambda chunk=items[i:i + 100]: self.client.log_batch(self.run_id, params=chunk))
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
-        self._call("log_metrics", self.client.log_batch, self.run_id, metrics=items)
+        self._call("log_metrics", lambda: self.client.log_batch(self.run_id, metrics=items))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
-            self._call("set_tag", self.client.set_tag, self.run_id, k, str(v))
+            self._call("set_tag", lambda k=k, v=v: self.client.set_tag(self.run_id, k, str(v)))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
-        fn = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
-        self._call("log_artifact", fn, self.run_id, str(path), artifact_path)
+        self._call("log_artifact", lambda: (self.client.log_artifacts if path.is_dir() else self.client.log_artifact)(
+            self.run_id, str(path), artifact_path))
 
     def log_dict(self, obj: Any, name: str) -> None:
         """A JSON/YAML artifact from a Python object (e.g. the resolved config); `name` may hold a folder."""

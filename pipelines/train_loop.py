@@ -248,7 +248,7 @@ class Ema:
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if parallel.world()[1] > 1:
+    if sharded(model):  # FSDP2 also on a single GPU: DTensors, which have no storage of their own to write
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}

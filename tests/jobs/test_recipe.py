@@ -37,7 +37,9 @@ TINY = [
     "rl.policy.preset=tiny", "rl.policy.device=cpu", "rl.steps=2", "rl.checkpoint_every=1", "rl.eval_every=0",
     "rl.rollout.height=32", "rl.rollout.width=32", "rl.rollout.prompts_per_step=2", "rl.rollout.group_size=2",
     "rl.rollout.steps=2", "rl.rollout.microbatch=4", "rl.rollout.eval_steps=2", "rl.reward.num_actors=1",
-    "rl.reward.num_cpus=0.5",
+    # 1.5 of a 2-CPU machine's CPUs: the evaluation's reward actor and the next stage's worker (1 CPU)
+    # do not fit side by side, so the recipe must free the evaluation's actors before a stage starts
+    "rl.reward.num_cpus=1.5",
 ]
 
 

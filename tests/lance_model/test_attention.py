@@ -125,6 +125,13 @@ def test_backends_agree_forward_and_backward(seed):
 def test_make_backend_selection():
     assert make_backend("auto", "cpu").name == "sdpa"
     assert make_backend("flex", "cpu").name == "flex"
+    # FlashAttention has no fp32 kernels: an fp32 model on a GPU (a checkpoint loaded as stored, a
+    # GRPO policy) attends with SDPA under `auto`, and `flash` says what to change
+    assert make_backend("auto", "cuda", torch.float32).name == "sdpa"
+    assert make_backend("auto", "cuda", torch.bfloat16).name == "flash"
+    assert make_backend("auto", "cuda").name == "flash"
+    with pytest.raises(RuntimeError, match="bf16/fp16 only"):
+        make_backend("flash", "cuda", torch.float32)
     with pytest.raises(ValueError, match="attention_backend='nope'"):
         make_backend("nope", "cpu")
     if not flash_available():

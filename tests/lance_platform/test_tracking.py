@@ -77,6 +77,25 @@ def test_unreachable_backend_warns_once_and_work_goes_on(caplog, monkeypatch):
     assert len(warnings) == 1 and "goes on without tracking" in warnings[0].getMessage()
 
 
+def test_without_mlflow_installed_every_call_is_a_warning_not_a_crash(tmp_path, caplog, monkeypatch):
+    # a GPU machine may lack MLflow: the client is imported inside the guarded call, not before it
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    monkeypatch.setitem(sys.modules, "mlflow.tracking", None)
+    tracker = Tracker(default_tracking_uri(tmp_path), "lance", tmp_path / "mlartifacts")
+    (tmp_path / "a.txt").write_text("x")
+    with caplog.at_level(logging.WARNING):
+        assert tracker.start("pt") is None
+        tracker.log_metrics({"loss": 1.0}, step=0)
+        tracker.log_params({"a": 1})
+        tracker.set_tags({"k": "v"})
+        tracker.log_artifact(tmp_path / "a.txt")
+        tracker.end("FAILED")
+    warnings = [r for r in caplog.records if "MLflow tracking" in r.getMessage()]
+    assert len(warnings) == 1 and "mlflow" in warnings[0].getMessage().lower()
+
+
 def test_end_open_children_closes_only_runs_left_running(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with tracked_run(tmp_path, "sweep") as parent:
