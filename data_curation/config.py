@@ -262,6 +262,14 @@ class SceneConfig:
     threshold: PositiveFloat | None = None
     min_scene_seconds: NonNegativeFloat = 0.5
 
+    def validate(self) -> None:
+        if not self.enabled:
+            return
+        import importlib.util
+
+        require(importlib.util.find_spec("scenedetect") is not None, "scenes.enabled", self.enabled,
+                "false, or PySceneDetect installed: pip install 'lance-pipelines[scenes]'")
+
 
 @configclass
 class CaptionConfig:
@@ -333,4 +341,5 @@ class CurationConfig:
         require(self.encode.vae or self.encode.vit, "encode.vae/encode.vit", (self.encode.vae, self.encode.vit),
                 "at least one encoder on")
         self.captioning.validate(self.encode.vae)
+        self.scenes.validate()
         return self

@@ -154,3 +154,15 @@ def test_curated_run_has_one_row_per_kept_scene_and_new_captions(ray_local, corp
     assert image["caption"] == expected.text.text.strip()
     again = run_curation(cfg, "refresh")  # the video's scenes are in the ledger: nothing is new
     assert again.counts["new"] == 0 and again.run is None
+
+
+def test_scene_splitting_without_pyscenedetect_is_a_config_error(monkeypatch):
+    import importlib.util
+
+    from lance_platform.config import ConfigError
+
+    SceneConfig().validate()  # off: nothing needed
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scenedetect" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"scenes\.enabled.*lance-pipelines\[scenes\]"):
+        SceneConfig(enabled=True).validate()
