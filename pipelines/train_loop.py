@@ -245,6 +245,18 @@ class Ema:
 
 
 # ---------------------------------------------------------------------------------------- state
+FINAL_METRICS = "final_metrics.json"
+
+
+def write_final_metrics(stage_dir: Path, metrics: dict) -> None:
+    """The last step's metrics, beside the stage's sharded checkpoints (atomic)."""
+    import json
+
+    tmp = stage_dir / f".{FINAL_METRICS}.tmp"
+    tmp.write_text(json.dumps({k: float(v) if isinstance(v, (int, float)) else v for k, v in metrics.items()}))
+    tmp.replace(stage_dir / FINAL_METRICS)
+
+
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -833,6 +845,8 @@ def _steps(stage: StageConfig, model: Lance, model_config: LanceConfig, ahead: P
             save_sharded_checkpoint(writer, step, model, model_config, optimizer, scheduler, ema, data_state, rank)
             if last:
                 writer.wait()
+                if rank == 0:  # Ray keeps only metrics reported with a checkpoint: the driver reads these
+                    write_final_metrics(Path(config["storage_dir"]), {**last_metrics, "step": step})
             ray.train.report({**last_metrics, "step": step})
         elif last or (stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0):
             with tempfile.TemporaryDirectory() as tmp:

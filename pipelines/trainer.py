@@ -256,6 +256,11 @@ def run_stage(stage: StageConfig, workdir: str | Path, parent_run_id: str | None
     else:
         export_final(stage, stage_dir, final)
     metrics = dict(result.metrics or {})
+    from .train_loop import FINAL_METRICS
+
+    if "loss" not in metrics and (stage_dir / FINAL_METRICS).is_file():
+        # sharded checkpoints are not reported to Ray, which then keeps no metrics: rank 0 wrote them
+        metrics = json.loads((stage_dir / FINAL_METRICS).read_text())
     tracker.set_tags({"checkpoint": str(final)})
     tracker.log_dict(metrics, "final_metrics.json")
     tracker.end("FINISHED")
