@@ -846,7 +846,7 @@ def _steps(stage: StageConfig, model: Lance, model_config: LanceConfig, ahead: P
             if last:
                 writer.wait()
                 if rank == 0:  # Ray keeps only metrics reported with a checkpoint: the driver reads these
-                    write_final_metrics(Path(config["storage_dir"]), {**last_metrics, "step": step})
+                    write_final_metrics(writer.root.parent, {**last_metrics, "step": step})
             ray.train.report({**last_metrics, "step": step})
         elif last or (stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0):
             with tempfile.TemporaryDirectory() as tmp:
