@@ -69,6 +69,9 @@ def head_process(extra_env: dict[str, str]) -> Iterator[str]:
     log = Path(temp_dir) / "ray-start.log"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env["PATH"] = os.pathsep.join([str(SCRIPTS), env.get("PATH", "")])  # the job's `python` is this one
+    # On SIGTERM, `ray start --block` first drains the node for up to 30 s (for Serve traffic this
+    # head never has) before stopping its processes: without this the teardown below outwaits it.
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     env.update(extra_env)
     with log.open("w") as out:
         proc = subprocess.Popen(
