@@ -21,13 +21,26 @@ MIXTURE = "mixture.groups={gen: {tasks: [t2i]}, und: {tasks: [i2t]}, edit: {task
 
 @pytest.fixture(scope="module")
 def ray_local():
+    import os
+
     import ray
 
     from lance_platform.runtime import init_ray
 
+    # Ray Train's controller polls its workers every 2 s and its preemption watcher every 5 s: on
+    # runs this short, the end of each stage (and the failed worker) was noticed seconds late.
+    # The Ray processes started here inherit these variables; what the tests check is unchanged.
+    polls = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"}
+    saved = {k: os.environ.get(k) for k in polls}
+    os.environ.update(polls)
     init_ray(num_cpus=2)
     yield
     ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def stage(shards, *extra: str):
