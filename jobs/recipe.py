@@ -273,7 +273,7 @@ def evaluate_checkpoint(checkpoint: Path, cfg: RecipeConfigs, pool) -> tuple[dic
     answers = []
     with torch.no_grad():
         for a in range(0, len(qa), e.batch_size):
-            chunk = [row_to_sample(r) for r in qa[a:a + e.batch_size]]
+            chunk = [row_to_sample(r, generator.model.config.vit) for r in qa[a:a + e.batch_size]]
             answers += generate_text(generator.model, generator.builder, chunk,
                                      TextOptions(max_new_tokens=e.max_new_tokens))
     exact = [float(ans.text.strip() == r["answer"]) for ans, r in zip(answers, qa)]

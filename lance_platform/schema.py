@@ -265,14 +265,46 @@ def row_visual(row: dict[str, Any], slot: str) -> Visual | None:
     return visual
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def vit_patches_from_pixels(row: dict[str, Any], slot: str, vit) -> torch.Tensor:
+    """The ViT input patches of a row's stored image (`<slot>_pixels`, PNG), at the size of its
+    stored ViT grid: what a trainable tower (`vit.trainable`) runs on in the forward, instead of the
+    frozen tower's tokens that curation stored. `vit`: the model's `VitConfig`."""
+    from PIL import Image
+
+    from lance_model.encoders.vit import vit_patches
+
+    data = row.get(f"{slot}_pixels")
+    name = f"shard row {row.get('sample_id')}"
+    if data is None:
+        raise ValueError(f"{name}: the model's ViT is trainable (vit.trainable), so it reads the stored pixels, but "
+                         f"the row has no {slot}_pixels: curate with output.store_pixels: true")
+    if not bytes(data[:8]) == PNG_SIGNATURE:
+        raise ValueError(f"{name}: {slot}_pixels is a video; a trainable ViT reads stored images only")
+    import io
+
+    image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    frames = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 255.0
+    grid = [int(g) for g in row[f"{slot}_vit_grid"]]
+    size = (grid[1] * vit.patch_size, grid[2] * vit.patch_size)
+    if tuple(frames.shape[2:]) != size:  # the VAE copy, when the row stored that one
+        frames = torch.nn.functional.interpolate(frames, size=size, mode="bicubic", antialias=True,
+                                                 align_corners=False).clamp(0, 1)
+    return vit_patches(frames, vit)[0]
+
+
 def _ids(row: dict[str, Any], name: str) -> list[int] | None:
     ids = row.get(f"{name}_ids")
     return None if ids is None else [int(i) for i in ids]
 
 
-def row_to_sample(row: dict[str, Any]) -> Sample:
+def row_to_sample(row: dict[str, Any], vit=None) -> Sample:
     """A shard row -> `lance_model.sequence.Sample`, carrying the stored token ids of its text
     (a row without `*_ids`, e.g. one written by hand, leaves them to the builder's tokenizer).
+    `vit`: the model's `VitConfig`; when its tower is trainable, every visual's ViT input is the
+    patches of the stored pixels (`vit_patches_from_pixels`), not the stored tokens.
 
     i2t / v2t: as the official x2t data path builds its prompt, the row's `caption` (the instruction,
     official `caption_i`) is the system prompt, the `question` (`caption_q`, may be empty) the user
@@ -284,6 +316,10 @@ def row_to_sample(row: dict[str, Any]) -> Sample:
         raise ValueError(f"shard row {row.get('sample_id')}: task={task!r}, expected one of {SHARD_TASKS}")
     model_task = MODEL_TASK[task]
     target, source = row_visual(row, "target"), row_visual(row, "source")
+    if vit is not None and vit.trainable:
+        for slot, visual in (("target", target), ("source", source)):
+            if visual is not None and visual.vit_tokens is not None:
+                visual.vit_patches, visual.vit_tokens = vit_patches_from_pixels(row, slot, vit), None
     if model_task in ("i2t", "v2t"):
         answer_ids = _ids(row, "answer") if row.get("answer") is not None else None
         instruction = row.get("caption") or None

@@ -337,7 +337,7 @@ class Packer:
             self.total.skipped_too_long = sum(int(s.get("skipped_too_long", 0)) for s in states) if self.rank == 0 else 0
 
     def render(self, row: dict, rng: random.Random) -> RenderedSample:
-        sample = row_to_sample(row)
+        sample = row_to_sample(row, self.config.vit)
         generation = sample.task not in ("i2t", "v2t")
         drop_caption = generation and rng.random() < self.config.caption_dropout
         drop_condition = generation and sample.source is not None and rng.random() < self.config.condition_dropout

@@ -609,7 +609,7 @@ def validate(model: Lance, packer: Packer, rows: list[dict], device: torch.devic
         i = j * world + rank
         row = rows[min(i, len(rows) - 1)]
         weight = 1.0 if i < len(rows) else 0.0
-        sample = packer.builder.render(_sample(row))
+        sample = packer.builder.render(_sample(row, packer.config.vit))
         from lance_model.packing import pack_rendered
 
         batch = pack_rendered([sample], packer.config).to(device)
@@ -644,8 +644,8 @@ def log_validation_samples(model: Lance, config: LanceConfig, rows: list[dict], 
 
     builder = SequenceBuilder(load_tokenizer(config.tokenizer), config.vit.spatial_merge_size if config.vit else 2)
     n = stage.validation.samples
-    images = [row_to_sample(r) for r in rows if r["task"] == "t2i"][:n]
-    questions = [row_to_sample(r) for r in rows if r["task"] in ("i2t", "v2t")][:n]
+    images = [row_to_sample(r, config.vit) for r in rows if r["task"] == "t2i"][:n]
+    questions = [row_to_sample(r, config.vit) for r in rows if r["task"] in ("i2t", "v2t")][:n]
     with tempfile.TemporaryDirectory() as tmp:
         if images:
             vae = build_vae(config.vae).to(device)
@@ -681,10 +681,10 @@ def unsharded_copy(model: Lance, config: LanceConfig, device: torch.device) -> L
     return copy.to(device).eval()
 
 
-def _sample(row: dict):
+def _sample(row: dict, vit=None):
     from lance_platform.schema import row_to_sample
 
-    return row_to_sample(row)
+    return row_to_sample(row, vit)
 
 
 # ---------------------------------------------------------------------------------------- loop

@@ -110,6 +110,14 @@ def test_recipe_runs_every_stage_and_resumes(tmp_path):
         ev = json.loads((tmp_path / "eval" / f"{row['stage']}.json").read_text())
         assert (ev["t2i_samples"], ev["i2t_samples"], ev["image_size"]) == (4, 4, [32, 32])
         assert ev["sampler"] == {"steps": 2, "cfg_scale": 4.5, "ode": True}
+    # the recipe's ViT trains with the model on the stored pixels (the preset has no pretrained tower)
+    from lance_model.config import LanceConfig
+    from lance_platform.schema import read_shard
+    from pipelines.trainer import shard_files
+
+    assert LanceConfig.from_pretrained(tmp_path / "sft" / "final").vit.trainable
+    qa = [r for f in shard_files(tmp_path / "heldout") for r in read_shard(f).to_pylist() if r["task"] == "i2t"]
+    assert qa and all(r["source_pixels"] for r in qa)
     rl = json.loads((tmp_path / "stages" / "rl.json").read_text())
     assert rl["iterations"] == 2 and rl["groups"] == 4
     table = (tmp_path / "recipe_results.md").read_text()

@@ -103,3 +103,49 @@ def test_i2v_row_carries_the_source_latent_as_the_clean_first_frame():
     n, clean = _clean_frames(sample)
     expected = first.to(torch.bfloat16).float().permute(3, 0, 1, 2).flatten(1).transpose(0, 1)
     assert n == 1 and torch.equal(clean, expected)
+
+
+def test_a_trainable_vit_reads_the_stored_pixels_and_learns_through_them(tiny_config):
+    """With `vit.trainable` a row's ViT input is the patches of its stored PNG at the ViT grid's
+    size (the tower runs, and gets gradients, in the forward); a frozen tower keeps the stored
+    tokens; a row without pixels names the curation option that stores them."""
+    import dataclasses
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from lance_model.encoders.vit import vit_patches
+    from lance_model.model import Lance
+    from lance_model.packing import pack_samples
+    from lance_model.sequence import SequenceBuilder
+    from lance_model.tokenizer import load_tokenizer
+
+    image = np.random.default_rng(0).integers(0, 256, (56, 56, 3), dtype=np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(image).save(png, format="PNG")
+    row = _x2t_row(question="q?", answer="ok", source_pixels=png.getvalue())
+    frozen = row_to_sample(row, tiny_config.vit)
+    assert frozen.source.vit_tokens is not None and frozen.source.vit_patches is None
+
+    vit = dataclasses.replace(tiny_config.vit, trainable=True)
+    sample = row_to_sample(row, vit)
+    expected = vit_patches(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255, vit)[0]
+    assert sample.source.vit_tokens is None and torch.equal(sample.source.vit_patches, expected)
+    assert sample.source.vit_grid == (1, 4, 4)
+
+    # the stored copy at another size (a VAE copy) is resized to the ViT grid first
+    big = io.BytesIO()
+    Image.fromarray(np.asarray(Image.fromarray(image).resize((112, 112)))).save(big, format="PNG")
+    assert row_to_sample({**row, "source_pixels": big.getvalue()}, vit).source.vit_patches.shape == expected.shape
+
+    cfg = dataclasses.replace(tiny_config, vit=vit)
+    model = Lance(cfg)
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    builder = SequenceBuilder(load_tokenizer(cfg.tokenizer), cfg.vit.spatial_merge_size)
+    model(pack_samples([sample], builder, cfg)).loss.backward()
+    grads = [p.grad for p in model.vit_model.parameters()]
+    assert all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
+
+    with pytest.raises(ValueError, match=r"no source_pixels: curate with output\.store_pixels: true"):
+        row_to_sample(_x2t_row(question="q?", answer="ok"), vit)
