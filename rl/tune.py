@@ -128,6 +128,27 @@ class TrialSummary:
     status: str
 
 
+def trial_bundles(cfg: RLConfig, cluster_gpus: float = 0.0) -> list[dict[str, float]]:
+    """The resources one trial reserves (its placement group): the trial itself (1 CPU; 1 GPU when
+    its policy runs in it on a GPU: `policy.device` cuda, or auto on a cluster with GPUs unless both
+    the rollouts and the update run on workers, leaving the trial only a copy), then each rollout actor, each
+    training worker (when `grpo.train_workers` > 1) and each reward actor, as their configs ask."""
+    r, g, w = cfg.rollout, cfg.grpo, cfg.reward
+
+    def bundle(cpus: float, gpus: float) -> dict[str, float]:
+        return {"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}
+
+    device = cfg.policy.device
+    policy_here = r.num_workers == 0 or g.train_workers == 1
+    head_gpu = 1.0 if device.startswith("cuda") or (device == "auto" and cluster_gpus > 0 and policy_here) else 0.0
+    bundles = [bundle(1.0, head_gpu)]
+    bundles += [bundle(r.num_cpus, r.num_gpus) for _ in range(r.num_workers)]
+    if g.train_workers > 1:
+        bundles += [bundle(g.train_num_cpus, g.train_num_gpus) for _ in range(g.train_workers)]
+    bundles += [bundle(w.num_cpus, w.num_gpus) for _ in range(w.num_actors)]
+    return bundles
+
+
 def run_sweep(cfg: TuneConfig, base: dict) -> list[TrialSummary]:
     """Run the sweep; returns one summary per trial (also logged to the parent MLflow run)."""
     from ray import tune
@@ -146,9 +167,10 @@ def run_sweep(cfg: TuneConfig, base: dict) -> list[TrialSummary]:
     tracker.log_dict({"sweep": to_dict(cfg), "base": base}, "config/rl_tune.yaml")
 
     probe = trial_config(base, {k: _example(v) for k, v in cfg.search_space.items()})
-    w = probe.reward
-    bundles = [{"CPU": 1.0}] + [{"CPU": w.num_cpus, "GPU": w.num_gpus} if w.num_gpus else {"CPU": w.num_cpus}
-                                for _ in range(w.num_actors)]
+    import ray
+
+    bundles = trial_bundles(probe, float(ray.cluster_resources().get("GPU", 0.0)))
+    log.info("each trial reserves %s", bundles)
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base, parent_run_id=parent, sweep_dir=str(workdir)),
         PlacementGroupFactory(bundles))

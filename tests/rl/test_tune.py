@@ -40,3 +40,20 @@ def test_two_trial_sweep_reports_each_trials_mean_reward(ray_local, tmp_path):
         assert run.data.metrics["reward_mean"] == pytest.approx(s.reward_mean)
         assert run.data.metrics["eval/ocr_accuracy"] == pytest.approx(s.ocr_accuracy)
         assert (Path(run.data.tags["checkpoint"]) / "model.safetensors").is_file()
+
+
+def test_a_trial_reserves_its_policy_rollout_training_and_reward_resources():
+    from rl.tune import trial_bundles, trial_config
+
+    cfg, base = load_tune_config(CONFIG, [])
+    plain = trial_config(base, {})
+    assert trial_bundles(plain) == [{"CPU": 1.0}] + [{"CPU": plain.reward.num_cpus}] * plain.reward.num_actors
+    # auto on a GPU cluster: the policy runs in the trial, which then needs a GPU
+    assert trial_bundles(plain, cluster_gpus=8)[0] == {"CPU": 1.0, "GPU": 1.0}
+    spread = trial_config({**base, "rollout": {**base.get("rollout", {}), "num_workers": 2, "num_gpus": 0.5},
+                           "grpo": {**base.get("grpo", {}), "train_workers": 2, "train_num_gpus": 1.0},
+                           "reward": {**base.get("reward", {}), "num_actors": 3, "num_cpus": 0.5}}, {})
+    bundles = trial_bundles(spread, cluster_gpus=8)
+    assert bundles == ([{"CPU": 1.0}] + [{"CPU": 1.0, "GPU": 0.5}] * 2 + [{"CPU": 1.0, "GPU": 1.0}] * 2
+                       + [{"CPU": 0.5}] * 3)
+    assert sum(b.get("GPU", 0) for b in bundles) == 3.0
