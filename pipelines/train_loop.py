@@ -295,16 +295,21 @@ def save_checkpoint(directory: Path, step: int, model: Lance, config: LanceConfi
     full = full_model_state(model)
     ema_full = ema.full_state() if ema is not None else None
     optim = full_optimizer_state(model, optimizer)
+    return _save_parts(directory, step, data_state, rank, world, config=config, model_state=full,
+                       ema_state={**full, **ema_full} if ema_full is not None else None, optimizer_state=optim,
+                       trainer_state={"scheduler": scheduler.state_dict()})
 
+
+def _save_parts(directory: Path, step: int, data_state: dict | None, rank: int, world: int, **rank0) -> Path:
+    """Every rank's part of a gathered checkpoint: its data state (and part manifest); rank 0 also
+    writes `rank0` (model, EMA, optimizer and trainer state)."""
     def write_data(tmp: Path) -> None:
         if data_state is not None:
             save_data_state(tmp, rank, data_state)
 
     if rank != 0:
         return ckpt.save(directory, step + 1, write_extra=write_data, part=rank, parts=world)
-    return ckpt.save(directory, step + 1, config=config, model_state=full,
-                     ema_state={**full, **ema_full} if ema_full is not None else None, optimizer_state=optim,
-                     trainer_state={"scheduler": scheduler.state_dict()}, write_extra=write_data, parts=world)
+    return ckpt.save(directory, step + 1, write_extra=write_data, parts=world, **rank0)
 
 
 def restore_checkpoint(directory: Path, model: Lance, optimizer, scheduler, ema: Ema | None, packer: Packer | None,
@@ -361,16 +366,9 @@ def save_adapter_checkpoint(directory: Path, step: int, model: Lance, config: La
     state = adapters.full_adapter_state(items)
     ema_state = {adapters.saved_key(k): v for k, v in ema.full_state().items()} if ema is not None else None
     optim = full_optimizer_state(model, optimizer)
-
-    def write_data(tmp: Path) -> None:
-        if data_state is not None:
-            save_data_state(tmp, rank, data_state)
-
-    if rank != 0:
-        return ckpt.save(directory, step + 1, write_extra=write_data, part=rank, parts=world)
-    return ckpt.save(directory, step + 1, config=config, model_state=state, ema_state=ema_state, optimizer_state=optim,
-                     trainer_state={"scheduler": scheduler.state_dict(), adapters.RECORD_KEY: record},
-                     write_extra=write_data, parts=world)
+    return _save_parts(directory, step, data_state, rank, world, config=config, model_state=state,
+                       ema_state=ema_state, optimizer_state=optim,
+                       trainer_state={"scheduler": scheduler.state_dict(), adapters.RECORD_KEY: record})
 
 
 def restore_adapter_checkpoint(directory: Path, model: Lance, optimizer, scheduler, ema: Ema | None,
