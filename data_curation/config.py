@@ -91,8 +91,10 @@ class SyntheticSpec:
     heldout: NonNegativeInt = 0
     split: Literal["train", "heldout"] = "train"
     phrase_fraction: Fraction = 0.0     # train items that are two-word phrases (two lines)
-    # generated vocabulary only: `system` = the DejaVu TTFs on the machine plus Pillow's default font
-    fonts: Literal["default", "system"] = "default"
+    # generated vocabulary only: `default` = Pillow's font; `system` = the DejaVu TTFs on the machine
+    # plus Pillow's default; or a list of faces: `default`, a face name under /usr/share/fonts
+    # (`DejaVuSans-Bold`) or a .ttf/.otf path (each must exist)
+    fonts: Literal["default", "system"] | Annotated[tuple[NonEmptyStr, ...], Field(min_length=1)] = "default"
     backgrounds: Annotated[tuple[Literal["plain", "gradient", "noise"], ...], Field(min_length=1)] = ("plain",)
     min_text_scale: Annotated[float, Field(gt=0, le=1)] = 1.0   # glyphs shrunk by a factor in [this, 1]
     question: NonEmptyStr = "What does the sign say?"
@@ -102,6 +104,13 @@ class SyntheticSpec:
                 f"fewer held-out words than vocabulary={self.vocabulary} (0 when no vocabulary is generated)")
         require(self.split == "train" or self.heldout > 0, f"{prefix}.split", self.split,
                 "'train' unless heldout > 0 (the held-out split is the held-out words)")
+        if not isinstance(self.fonts, str):
+            from data_curation.synthetic import resolve_fonts
+
+            try:
+                resolve_fonts(self.fonts)
+            except ValueError as exc:
+                raise ConfigError(f"{prefix}.fonts: {exc}", f"{prefix}.fonts") from None
 
 
 @configclass

@@ -13,7 +13,8 @@ a seed.
   held-out evaluation measures rendering and reading of unseen words. `phrase_fraction` of the
   train items are two-word phrases (rendered on two lines). `fonts: system` draws each item's font
   from the DejaVu TTFs on the machine plus Pillow's default (a machine without them falls back to
-  the default font and logs so), `backgrounds` picks plain / gradient / noise, `min_text_scale`
+  the default font and logs so); a list of faces (`[default, DejaVuSans-Bold, /path/to/face.ttf]`)
+  draws from exactly those (`resolve_fonts`; a face that is not found is an error), `backgrounds` picks plain / gradient / noise, `min_text_scale`
   shrinks the glyphs by a random factor, and colours are random with a minimum contrast.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import functools
 import glob
 import logging
+import os
 import random
 
 import numpy as np
@@ -99,6 +101,45 @@ def system_fonts() -> tuple[str, ...]:
     if not found:
         log.warning("no DejaVu TTF fonts under /usr/share/fonts: synthetic text uses Pillow's default font only")
     return (DEFAULT_FONT, *found)
+
+
+def resolve_fonts(fonts) -> tuple[str, ...]:
+    """The font files a spec's `fonts` names: `default` (Pillow's font only), `system` (see
+    `system_fonts`), or a sequence of faces, each `default`, a face name found under
+    /usr/share/fonts (`DejaVuSans-Bold`, with or without `.ttf`) or a path to a TTF/OTF file.
+    Raises ValueError naming the faces that are not found."""
+    if fonts == "system":
+        return system_fonts()
+    if fonts in (None, DEFAULT_FONT):
+        return (DEFAULT_FONT,)
+    if isinstance(fonts, str):
+        fonts = (fonts,)
+    found, missing = [], []
+    for face in fonts:
+        if face == DEFAULT_FONT:
+            found.append(DEFAULT_FONT)
+            continue
+        path = _face_path(face)
+        (found if path else missing).append(path or face)
+    if missing:
+        raise ValueError(f"font(s) {missing} not found (a face name under {FONT_DIR}, e.g. DejaVuSans-Bold, "
+                         f"a .ttf/.otf path, or 'default')")
+    return tuple(found)
+
+
+FONT_DIR = "/usr/share/fonts"
+
+
+@functools.lru_cache(maxsize=64)
+def _face_path(face: str) -> str | None:
+    if "/" in face:
+        return face if os.path.isfile(face) else None
+    stems = (face,) if face.lower().endswith((".ttf", ".otf")) else (f"{face}.ttf", f"{face}.otf")
+    for stem in stems:
+        hits = sorted(glob.glob(f"{FONT_DIR}/**/{stem}", recursive=True))
+        if hits:
+            return hits[0]
+    return None
 
 
 def _font(name: str, size: int) -> ImageFont.FreeTypeFont:
@@ -245,7 +286,7 @@ def _render_image(spec: dict, text: str, seed: int) -> np.ndarray:
     h, w = spec["height"], spec["width"]
     if not spec.get("vocabulary"):
         return render_text_image(text, h, w, seed)
-    fonts = system_fonts() if spec.get("fonts") == "system" else (DEFAULT_FONT,)
+    fonts = resolve_fonts(spec.get("fonts", DEFAULT_FONT))
     return render_styled_text(text, h, w, seed, fonts, tuple(spec["backgrounds"]), spec["min_text_scale"])
 
 

@@ -119,3 +119,28 @@ def test_spec_types_are_checked():
         load_config(SyntheticSpec, None, ["backgrounds=[plain, stripes]"])
     with pytest.raises(ConfigError, match="min_text_scale"):
         load_config(SyntheticSpec, None, ["min_text_scale=0"])
+
+
+DEJAVU = "/usr/share/fonts/truetype/dejavu"
+
+
+@pytest.mark.skipif(not synthetic._face_path("DejaVuSans-Bold"), reason="needs the DejaVu fonts")
+def test_font_list_draws_only_the_named_faces():
+    fonts = synthetic.resolve_fonts(["default", "DejaVuSans-Bold", "DejaVuSerif.ttf"])
+    assert fonts[0] == synthetic.DEFAULT_FONT
+    assert [f.rsplit("/", 1)[-1] for f in fonts[1:]] == ["DejaVuSans-Bold.ttf", "DejaVuSerif.ttf"]
+    spec = dataclasses.replace(SPEC, fonts=("DejaVuSans-Bold",), backgrounds=("plain",), min_text_scale=1.0)
+    SourceConfig(synthetic=spec).validate("sources.0")
+    item = synthetic.synthetic_specs(spec)[0]
+    got = np.asarray(Image.open(io.BytesIO(synthetic.render_item(dataclasses.asdict(spec), item).media["target"][0])))
+    want = synthetic.render_styled_text(item["word"], 64, 64, item["seed"], (fonts[1],), ("plain",), 1.0)
+    other = synthetic.render_styled_text(item["word"], 64, 64, item["seed"], (fonts[2],), ("plain",), 1.0)
+    assert np.array_equal(got, want) and not np.array_equal(got, other)
+
+
+def test_a_missing_font_is_a_config_error_naming_it():
+    spec = dataclasses.replace(SPEC, fonts=("default", "NoSuchFace-Bold"))
+    with pytest.raises(ConfigError, match=r"sources\.0\.synthetic\.fonts.*NoSuchFace-Bold"):
+        SourceConfig(synthetic=spec).validate("sources.0")
+    with pytest.raises(ConfigError, match="fonts"):
+        load_config(SyntheticSpec, None, ["fonts=[]"])
