@@ -3,7 +3,7 @@
 `LanceConfig` holds the text backbone (`TextConfig`), the vision tower (`VitConfig`), the latent
 autoencoder (`VaeConfig`) and the training-objective knobs that live with the model (loss weights,
 timestep shift, CFG dropout). Presets sit in one registry (`PRESETS`): `tiny` for unit tests,
-`nano` for the demo and small-scale learning, `lance-3b` for the released shape.
+`nano` for the demo, `small` for one-GPU learning runs, `lance-3b` for the released shape.
 
 `LanceConfig.from_pretrained(dir)` reads our own `lance_config.json`, or the official checkpoint
 layout (`llm_config.json`: a Qwen2.5-VL-style text config whose `vision_config` dict gives the ViT
@@ -388,9 +388,24 @@ def _nano() -> LanceConfig:
     )
 
 
+def _small() -> LanceConfig:
+    """`nano`'s layout at 768 x 12 (151M backbone parameters over both experts, about 75M active per
+    token) with a wider ViT: sized for one-GPU learning runs such as the text-rendering recipe, where
+    `nano` steps are bound by launches rather than FLOPs."""
+    return LanceConfig(
+        text=TextConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                        head_dim=64, intermediate_size=2048, vocab_size=320, rope_theta=10_000.0,
+                        mrope_section=(8, 12, 12)),
+        vit=VitConfig(depth=4, hidden_size=256, num_heads=4, intermediate_size=512, window_size=112,
+                      fullatt_block_indexes=(3,), out_hidden_size=768),
+        vae=VaeConfig(kind="pixel", latent_channels=48, spatial_stride=4, temporal_stride=1),
+        max_latent_size=64, max_latent_frames=17,
+    )
+
+
 def _lance_3b() -> LanceConfig:
     return LanceConfig()
 
 
-PRESETS = {"tiny": _tiny, "nano": _nano, "lance-3b": _lance_3b}
+PRESETS = {"tiny": _tiny, "nano": _nano, "small": _small, "lance-3b": _lance_3b}
 PresetName = Literal[tuple(PRESETS)]  # a field naming a preset: one of its keys

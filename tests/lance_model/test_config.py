@@ -52,7 +52,7 @@ def write_json(path, data) -> None:
 
 
 # ---------------------------------------------------------------------- presets
-@pytest.mark.parametrize("name", ["tiny", "nano", "lance-3b"])
+@pytest.mark.parametrize("name", ["tiny", "nano", "small", "lance-3b"])
 def test_preset_validates_and_builds(name):
     from lance_model import Lance
 
@@ -201,7 +201,7 @@ def test_text_config_from_qwen2_missing_field():
 
 
 def test_vit_config_qwen25vl_round_trip():
-    for name in ("tiny", "nano", "lance-3b"):
+    for name in ("tiny", "nano", "small", "lance-3b"):
         vit = LanceConfig.from_preset(name).vit
         assert vit_config_from_qwen25vl(vit_config_to_qwen25vl(vit)) == vit
     assert vit_config_from_qwen25vl(QWEN25VL_3B_VISION) == VitConfig()
