@@ -824,8 +824,9 @@ def _steps(stage: StageConfig, model: Lance, model_config: LanceConfig, ahead: P
             tracker.log_metrics(last_metrics, step=step)
         if rank == 0 and ((step + 1) % progress_every == 0 or step == stage.steps - 1):
             # Ray forwards the workers' log lines to the driver: about ten progress lines per stage.
-            log.info("%s step %d/%d: loss %.4f (ce %.4f, mse %.4f), %s tokens/s, lr %.2e", stage.name, step + 1,
-                     stage.steps, loss_sum, ce_sum, mse_sum, f"{tokens / dt:,.0f}", last_metrics["lr"])
+            log.info("%s step %d/%d: loss %.4f (ce %.4f, mse %.4f), %s tokens/s (%.0f ms/step, %.0f ms waiting for "
+                     "data), lr %.2e", stage.name, step + 1, stage.steps, loss_sum, ce_sum, mse_sum,
+                     f"{tokens / dt:,.0f}", dt * 1e3, wait * 1e3, last_metrics["lr"])
 
         last = step == stage.steps - 1
         due = last or (stage.validation.every and (step + 1) % stage.validation.every == 0)
