@@ -48,7 +48,8 @@ def test_recipe_configs_validate(tmp_path):
     spec = cfg.curate.sources[0].synthetic
     assert spec.images + spec.qa >= 20_000 and spec.vocabulary >= 2000 and spec.heldout > 0
     assert [s.name for s in cfg.stages] == ["pt", "sft"]
-    assert all(s.model.preset == "nano" for s in cfg.stages) and cfg.rl.policy.preset == "nano"
+    assert all(s.model.preset == "small" for s in cfg.stages) and cfg.rl.policy.preset == "small"
+    assert spec.fonts == ("default", "DejaVuSans-Bold", "DejaVuSerif-Bold", "DejaVuSansMono-Bold")
     assert cfg.stages[0].data.shards == str(tmp_path / "curated")
     assert cfg.rl.policy.checkpoint == str(tmp_path / "sft" / "final")
     assert cfg.rl.prompts.eval_file == str(tmp_path / "rl" / "heldout_prompts.txt")
