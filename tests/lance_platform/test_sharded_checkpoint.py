@@ -5,15 +5,14 @@ checkpoint, strict keys, and the export to the full layout (also through the CLI
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from distributed_helpers import spawn_gloo
 from safetensors.torch import load_file, save_file
 
 from lance_model.checkpoint import CheckpointError
@@ -64,15 +63,13 @@ def dump(model, opt, ema, path: Path, rank: int) -> None:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path))
 
 
-def _worker(rank: int, world: int, port: int, root: str) -> None:
+def _worker(rank: int, world: int, root: str) -> None:
     """Ranks 0 and 1 train FSDP2-sharded over a 2-rank mesh and save at steps 1 and 2 (async);
     then all three ranks restore step 2 sharded over 3."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     from pipelines import parallel
     from pipelines.train_loop import build_model, restore_checkpoint, save_sharded_checkpoint
 
@@ -103,20 +100,12 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     step = restore_checkpoint(root / "checkpoints" / "step-000002", model, opt, sched, ema, None, rank)
     assert step == 2 and sched.last_epoch == 2
     dump(model, opt, ema, root / "restored_on_3.safetensors", rank)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sharded_ckpt")
-    torch.multiprocessing.spawn(_worker, args=(3, free_port(), str(root)), nprocs=3, join=True)
+    spawn_gloo(_worker, 3, str(root))
     return root
 
 

@@ -6,11 +6,11 @@ import json
 import os
 import resource
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 import torch
+from distributed_helpers import spawn_gloo
 from safetensors.torch import load_file, save_file
 
 from lance_platform.config import ConfigError, from_dict
@@ -87,11 +87,7 @@ def dump_full(model, opt, ema, path: Path, rank: int) -> None:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
 
 
-def _worker(rank: int, world: int, port: int, root: str) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, root: str) -> None:
     from pipelines import parallel
     from pipelines.train_loop import build_model, full_model_state, restore_checkpoint, save_checkpoint
 
@@ -126,14 +122,6 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     train_step(model, params, opt, sched, ema, world)
     target = root / ("ckpt_world2" if rank == 0 else f"ckpt_world2_rank{rank}")
     save_checkpoint(target, step, model, model.config, opt, sched, ema, None, rank, world)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_qwen_dir(directory: Path) -> None:
@@ -163,7 +151,7 @@ def sharded_run(tmp_path_factory):
     train_step(model, params, opt, sched, ema, 1)
     save_checkpoint(root / "ckpt_world1", 0, model, model.config, opt, sched, ema, None, 0, 1)
     del model, opt, ema
-    torch.multiprocessing.spawn(_worker, args=(2, free_port(), str(root)), nprocs=2, join=True)
+    spawn_gloo(_worker, 2, str(root))
     # Ray Train merges every rank's share into one checkpoint directory; do the same here
     shutil.copy(root / "ckpt_world2_rank1" / "manifest.rank1.json", root / "ckpt_world2" / "manifest.rank1.json")
     return root, refs
