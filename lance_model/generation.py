@@ -25,7 +25,7 @@ Pixels come in as float frames [T, 3, H, W] in [0, 1]; reading/writing files is 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -648,12 +648,16 @@ def _with_answer(rendered: RenderedSample, ids: list[int]) -> RenderedSample:
 
 def generate_text(model: Lance, builder: SequenceBuilder, samples: list[Sample], options: TextOptions,
                   seeds: list[int] | None = None, use_cache: bool = True) -> list[GeneratedText]:
-    """Answer x2t prompts (rendered through `assistant\\n`); one seeded generator per prompt.
+    """Answer x2t prompts (rendered through `assistant\\n`); one seeded generator per prompt. A
+    sample that carries an answer (a curated row with its reference) is prompted without it.
 
     Cached decoding keeps every row in the batch until the last one stops (fixed shapes: one
     attention call per layer for all rows over the static cache); tokens after a row's
     `<|im_end|>` are computed but discarded."""
     options.validate()
+    # a sample's own answer (a curated row's reference) is what is to be generated, not prompt text
+    samples = [s if s.answer is None and s.answer_ids is None else replace(s, answer=None, answer_ids=None)
+               for s in samples]
     tok: Tokenizer = builder.tok
     vocab, stop = len(tok), tok.special_id(IM_END)
     device = next(model.parameters()).device

@@ -326,3 +326,22 @@ def test_sampler_log_probs_equal_the_recomputed_transition_log_probs(gen):
             x, x_next = out.trajectory[j], out.trajectory[j + 1]
             _, _, mean, std = sde_step(x, session.velocity(x, t), t, t_next, 0.7, noise=torch.zeros_like(x))
             torch.testing.assert_close(sde_log_prob(x_next, mean, std), out.log_probs[:, j], atol=1e-5, rtol=1e-5)
+
+
+def test_text_generation_ignores_a_samples_own_answer(gen):
+    """A curated i2t row comes with its reference answer: it is what is to be generated, so it must
+    not be rendered into the prompt (the answer would be followed by `<|im_end|>`)."""
+    import dataclasses
+
+    samples = x2t_samples(gen)
+    with_answers = [dataclasses.replace(s, answer="OPEN") for s in samples]
+    with_ids = [dataclasses.replace(s, answer_ids=gen.tokenizer.encode("OPEN")) for s in samples]
+    options = TextOptions(max_new_tokens=6, ignore_eos=True)
+    with torch.no_grad():
+        plain = generate_text(gen.model, gen.builder, samples, options, [1, 2])
+        answered = generate_text(gen.model, gen.builder, with_answers, options, [1, 2])
+        by_ids = generate_text(gen.model, gen.builder, with_ids, options, [1, 2])
+        prompted = [gen.builder.render(s) for s in with_answers]
+    assert [a.token_ids for a in answered] == [p.token_ids for p in plain] == [b.token_ids for b in by_ids]
+    assert with_answers[0].answer == "OPEN"  # the caller's samples are left as they were
+    assert len(prompted[0]) > len(gen.builder.render(samples[0]))  # rendering it would have changed the prompt
