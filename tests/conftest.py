@@ -1,8 +1,11 @@
-"""Shared fixtures: tiny random models and synthetic samples (everything offline, CPU)."""
+"""Shared fixtures: the local Ray of a group of test modules, tiny random models and synthetic
+samples (everything offline, CPU)."""
 from __future__ import annotations
 
+import os
 import random
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,15 +14,44 @@ from lance_model import Lance, LanceConfig
 from lance_model.sequence import Sample, SequenceBuilder, Visual
 from lance_model.tokenizer import ByteTokenizer
 
+TESTS = Path(__file__).resolve().parent
+# Test directories whose modules share one local Ray (started by the first test that needs it),
+# instead of a start (~6 s) and a shutdown per module. pipelines and rl run one after the other
+# and start no Ray of their own (no `ray start`, no CLI subprocess), so they form one group.
+RAY_GROUPS = {"data_curation": "data_curation", "pipelines": "train", "rl": "train"}
 
-@pytest.fixture(autouse=True, scope="module")
-def _no_ray_left_behind():
-    """A test module that started a local Ray in this process shuts it down: a lingering instance
-    holds Ray's default per-node ports, which a later test's own Ray head needs."""
-    yield
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+
+def _ray_group(item: pytest.Item | None) -> str | None:
+    if item is None:
+        return None
+    path = Path(item.path).resolve()
+    top = path.relative_to(TESTS).parts[0] if path.is_relative_to(TESTS) else ""
+    return RAY_GROUPS.get(top, str(path))  # elsewhere: each module on its own
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    """A local Ray started in this process is shut down (after the fixtures' teardown) when the
+    next test is in another group (see RAY_GROUPS) or there is none: a lingering instance holds
+    Ray's default per-node ports, which a later test's own Ray (a CLI subprocess) needs."""
+    try:
+        return (yield)
+    finally:
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized() and _ray_group(nextitem) != _ray_group(item):
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """The local Ray of this group of test modules (2 CPUs, this machine's), started if none is
+    running; never `ray stop` (others use Ray here), never someone else's cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.pop("RAY_ADDRESS", None)
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    return ray
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Curation fixtures: one local Ray (2 CPUs) shared by every test here, and curation configs."""
+"""Curation fixtures: curation configs (the local Ray shared by these tests: `ray_local` of
+tests/conftest.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,18 +10,6 @@ from data_curation.config import CurationConfig
 from lance_platform.config import load_config
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "curation" / "synthetic.yaml"
-
-
-@pytest.fixture(scope="session")
-def ray_local():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -28,14 +28,16 @@ def ray_local():
     from lance_platform.runtime import init_ray
 
     # Ray Train's controller polls its workers every 2 s and its preemption watcher every 5 s: on
-    # runs this short, the end of each stage (and the failed worker) was noticed seconds late.
-    # The Ray processes started here inherit these variables; what the tests check is unchanged.
-    polls = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"}
+    # runs this short, the end of each stage (and the failed worker) was noticed seconds late. The
+    # watcher (an actor per stage, for node drains, which no test here makes) is left out. Ray Train
+    # hands these variables from the driver to its controller and workers; what the tests check is
+    # unchanged. The local Ray is shared with the next modules (tests/conftest.py shuts it down).
+    polls = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5",
+             "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     saved = {k: os.environ.get(k) for k in polls}
     os.environ.update(polls)
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
+    init_ray(num_cpus=2)  # "existing" when a local Ray is up already
+    yield ray
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

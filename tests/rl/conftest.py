@@ -1,8 +1,7 @@
-"""RL fixtures: one local Ray for the whole session (never `ray stop`: others use Ray here), a
-RapidOCR engine, Pillow-rendered text, and small GRPO configs on the `tiny` preset."""
+"""RL fixtures (the local Ray is `ray_local` of tests/conftest.py): a RapidOCR engine,
+Pillow-rendered text, and small GRPO configs on the `tiny` preset."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,19 +13,6 @@ from rl.config import RLConfig
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "rl" / "grpo_ocr.yaml"
 FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
-
-
-@pytest.fixture(scope="session")
-def ray_local():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        os.environ.pop("RAY_ADDRESS", None)  # a local Ray of our own, never someone else's cluster
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="session")
