@@ -53,9 +53,9 @@ def wait_for_dashboard(url: str, proc: subprocess.Popen, log: Path, timeout_s: f
         except urllib.error.HTTPError as exc:
             if exc.code == 401:
                 return
-            time.sleep(1)
+            time.sleep(0.25)
         except OSError:
-            time.sleep(1)
+            time.sleep(0.25)
     pytest.fail(f"the Ray dashboard at {url} did not come up in {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
 
 
@@ -167,7 +167,7 @@ def test_no_wait_returns_at_once_with_the_job_id(ray_head, tmp_path, capsys):
     deadline = time.time() + 120
     while str(client.get_job_status(f"lance-nowait-{os.getpid()}")).split(".")[-1] not in ("FAILED", "SUCCEEDED"):
         assert time.time() < deadline
-        time.sleep(1)
+        time.sleep(0.25)
     assert client.get_job_info(f"lance-nowait-{os.getpid()}").driver_exit_code == 2
 
 
