@@ -122,6 +122,35 @@ def test_backends_agree_forward_and_backward(seed):
             torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4, msg=lambda m, b=backend.name, n=name: f"{b} {n}: {m}")
 
 
+class DenseSdpa:
+    """SDPA with one dense [L, L] mask over the whole pack: the plain reading of the rule."""
+
+    def prepare(self, layout):
+        return dense_mask(layout)
+
+    def attend(self, q, k, v, mask):
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
+                                                               v.transpose(0, 1), attn_mask=mask)
+        return out.transpose(0, 1)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sdpa_per_sample_rows_equal_one_dense_mask(seed):
+    samples, perm = random_layout(random.Random(200 + seed))
+    layout = MaskLayout.from_splits(samples, perm)
+    n = len(layout)
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = torch.randn(n, 4, 16, generator=g), torch.randn(n, 2, 16, generator=g), torch.randn(n, 2, 16, generator=g)
+    blocks = SdpaAttention().prepare(layout)
+    lengths = [sum(length for _, length in s) for s in samples]
+    assert blocks.mask.shape == (len(samples), 1, max(lengths), max(lengths))  # B * Lmax^2, not (sum L)^2
+    got, ref = run_backend(SdpaAttention(), layout, q, k, v), run_backend(DenseSdpa(), layout, q, k, v)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_make_backend_selection():
     assert make_backend("auto", "cpu").name == "sdpa"
     assert make_backend("flex", "cpu").name == "flex"
