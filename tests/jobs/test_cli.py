@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from distributed_helpers import free_port
 
 from jobs.cli import build_parser, main
 
@@ -27,12 +27,6 @@ def one_error_line(capsys) -> str:
     assert len(err) == 1, err
     assert err[0].startswith("lance-pipeline: error:") and "Traceback" not in err[0]
     return err[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:

@@ -10,7 +10,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from distributed_helpers import free_port
 
 from jobs.cli import main
 
@@ -32,12 +32,6 @@ CURATION = REPO / "configs" / "curation" / "synthetic.yaml"
 # The interpreter's own scripts directory: `ray` and the job's `python` are found there, not on a
 # PATH that may lack them (`venv/bin/python -m pytest` without an activated venv).
 SCRIPTS = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_dashboard(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 180.0) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,18 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from distributed_helpers import free_port
 from mlflow.tracking import MlflowClient
 
 from lance_platform.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, HTTP_DEFAULTS, Tracker
 
 START_TIMEOUT_S = 180.0
 MLFLOW = Path(sys.executable).parent / "mlflow"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def healthy(url: str) -> bool:
@@ -70,7 +64,7 @@ def server(tmp_path_factory) -> Iterator[tuple[str, Path, subprocess.Popen]]:
                 pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log_file.read_text()[-3000:]}")
             if time.monotonic() > deadline:
                 pytest.fail(f"mlflow server not healthy after {START_TIMEOUT_S:.0f} s:\n{log_file.read_text()[-3000:]}")
-            time.sleep(0.5)
+            time.sleep(0.1)
         yield url, artifacts, proc
     finally:
         kill_server(proc)
