@@ -87,8 +87,20 @@ def check_ray_address(address: str) -> None:
     ensure_listening(host, port, "Ray", "start a head with `ray start --head` or fix --address / RAY_ADDRESS")
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a command line; `key=value` overrides may come before and after options
+    (`recipe workdir=w --stages pt pt.steps=10`): argparse alone takes only the first run of them."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*(args.overrides or []), *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     # quiet Ray output when stdout is not a terminal; full logs under the command's --workdir
     configure_output(getattr(logging, args.log_level), getattr(args, "workdir", None))
     if args.ray_address:

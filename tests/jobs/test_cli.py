@@ -259,3 +259,22 @@ def test_generate_task_choices_match_the_model():
     from lance_model.generation import TASK_ALIASES, TEXT_TASKS, VISUAL_TASKS
 
     assert TASK_CHOICES == VISUAL_TASKS + TEXT_TASKS + tuple(TASK_ALIASES)
+
+
+def test_overrides_may_follow_options():
+    from jobs.cli import parse
+
+    args = parse(["recipe", "--config", "r.yaml", "workdir=w", "--stages", "pt", "pt.steps=10", "tracking=false"])
+    assert args.stages == "pt" and args.overrides == ["workdir=w", "pt.steps=10", "tracking=false"]
+    assert parse(["curate", "--config", CURATION, "a=1"]).overrides == ["a=1"]
+
+
+@pytest.mark.parametrize("argv", [["recipe", "--config", "r.yaml", "--stages", "pt", "--nope"],
+                                  ["recipe", "--config", "r.yaml", "a=1", "--stages", "pt", "stray"],
+                                  ["generate", "--checkpoint", "c", "--prompt", "x", "steps=3"]])
+def test_stray_arguments_are_still_an_error(argv, capsys):
+    from jobs.cli import parse
+
+    with pytest.raises(SystemExit) as exc:
+        parse(argv)
+    assert exc.value.code == 2 and "unrecognized arguments" in one_error_line(capsys)
