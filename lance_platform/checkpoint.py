@@ -328,22 +328,29 @@ def strict_model_state(expected: Mapping[str, tuple[int, ...]], state: Mapping[s
     shape map: any missing or unexpected key or wrong shape is a `CheckpointError` naming them.
     The fixed latent position table is never stored; a tied head is the embedding."""
     skip = {POS_EMBED_KEY} | ({LM_HEAD_KEY} if tied else set())
-    want = {k: tuple(s) for k, s in expected.items() if k not in skip}
+    want = {k: s for k, s in expected.items() if k not in skip}
     have = {k: v for k, v in state.items() if k not in skip}
+    problems = key_problems(want, {k: tuple(v.shape) for k, v in have.items()})
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
+    return have
+
+
+def key_problems(expected: Mapping[str, tuple[int, ...]], stored: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """What keeps `stored` (key -> shape) from being exactly `expected`: missing keys, unexpected
+    keys and shape mismatches, each as one phrase naming the first few (empty when they fit)."""
     problems = []
-    missing = sorted(set(want) - set(have))
-    unexpected = sorted(set(have) - set(want))
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
     if missing:
         problems.append(f"{len(missing)} missing key(s): {_preview(missing)}")
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected key(s): {_preview(unexpected)}")
-    wrong = [f"{k} (checkpoint {tuple(have[k].shape)}, model {want[k]})" for k in sorted(set(want) & set(have))
-             if tuple(have[k].shape) != want[k]]
+    wrong = [f"{k} (checkpoint {tuple(stored[k])}, model {tuple(expected[k])})"
+             for k in sorted(set(expected) & set(stored)) if tuple(stored[k]) != tuple(expected[k])]
     if wrong:
         problems.append(f"{len(wrong)} shape mismatch(es): {_preview(wrong)}")
-    if problems:
-        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
-    return have
+    return problems
 
 
 def load_model_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:

@@ -340,18 +340,7 @@ class ShardedCheckpoint:
 
     def check(self, group: str, expected: Mapping[str, tuple[int, ...]]) -> None:
         """Strict: the group holds exactly the `expected` tensors with those global shapes."""
-        have = self.names(group)
-        problems = []
-        missing = sorted(set(expected) - set(have))
-        unexpected = sorted(set(have) - set(expected))
-        if missing:
-            problems.append(f"{len(missing)} missing key(s): {ckpt._preview(missing)}")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected key(s): {ckpt._preview(unexpected)}")
-        wrong = [f"{k} (checkpoint {have[k]}, model {tuple(expected[k])})" for k in sorted(set(have) & set(expected))
-                 if have[k] != tuple(expected[k])]
-        if wrong:
-            problems.append(f"{len(wrong)} shape mismatch(es): {ckpt._preview(wrong)}")
+        problems = ckpt.key_problems(expected, self.names(group))
         if problems:
             files = ", ".join(index_file(r) for r in range(self.world))
             raise CheckpointError(f"{self.directory} ({group} tensors of {files}) does not fit: " + "; ".join(problems))
