@@ -97,7 +97,8 @@ class TrainWorker:
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Full (or adapter) tensors into the local shards."""
-        params = dict(self.policy.named_parameters()) | dict(self.policy.named_buffers())
+        stored = set(self.policy.state_dict())  # parameters and persistent buffers (not e.g. rotary tables)
+        params = {n: t for n, t in [*self.policy.named_parameters(), *self.policy.named_buffers()] if n in stored}
         key = (lambda n: n.replace(f".{lora.ADAPTER}.", ".")) if self.lora else ckpt.plain_name
         names = {key(n): n for n in params}
         missing = sorted(set(names) - set(state)) if not self.lora else []

@@ -18,12 +18,19 @@ class _Done:
 
 
 class BrightnessPool:
-    """Scores each image by its mean brightness, in the driver (no reward actors)."""
+    """Scores each image by its mean brightness, in the driver (no reward actors). `spread`: added
+    to every second image of a submitted batch (a micro-batch is whole groups), so that every group's
+    rewards differ by about that much and its advantages (r - mean) / (std + 1e-4) are well
+    conditioned: a 1e-6 difference in brightness then moves an advantage by about 1e-6 / spread."""
 
     restarts = 0
 
+    def __init__(self, spread: float = 0.0) -> None:
+        self.spread = spread
+
     def submit(self, items, prompts) -> _Done:
-        values = [float(np.asarray(im, dtype=np.float64).mean() / 255.0) for im in items]
+        values = [float(np.asarray(im, dtype=np.float64).mean() / 255.0) + self.spread * (i % 2)
+                  for i, im in enumerate(items)]
         return _Done(RewardBatch({"ocr": values, "ocr_exact": [0.0] * len(items)}, [""] * len(items)))
 
     def score(self, items, prompts) -> RewardBatch:
