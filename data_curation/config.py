@@ -158,6 +158,11 @@ class DecodeConfig:
     understanding_max_seconds: PositiveFloat = 2.0   # i2t / v2t videos
     # RGB colour that transparent pixels are composited on (RGBA, LA, palette transparency)
     alpha_background: RGB = (255, 255, 255)
+    # an animated image (GIF / WebP / APNG) where the task wants a still (t2i, i2i, i2t, an i2v
+    # source): `quarantine` it as `animated_image`, or keep its `first_frame` (logged, and counted
+    # as `animated.first_frame` / `animated.dropped_frames` in the report). Where the task wants a
+    # video (t2v, i2v and v2v targets, v2t and v2v sources) it is always decoded as one.
+    animated_images: Literal["quarantine", "first_frame"] = "quarantine"
 
 
 @configclass
@@ -264,12 +269,16 @@ class SceneConfig:
     its span (`start_s`, `end_s`) is in the row, its frames are sampled inside it, and the duration
     filters (`filters.min_seconds` / `max_seconds`) judge each scene. `threshold`: the detector's cut
     threshold (content: change in HSV + edges, default 27; adaptive: ratio to the rolling average,
-    default 3); `min_scene_seconds`: no cut closer than this to the previous one."""
+    default 3); `min_scene_seconds`: no cut closer than this to the previous one. `chunk_long`: a
+    scene longer than the clip-length limit (`decode.max_seconds`, or `filters.max_seconds` when
+    that is set and smaller) becomes consecutive clips within it, each a sample with its own span
+    (`scenes.chunk_scene`); false: such a scene is one sample of its first `decode.max_seconds`."""
 
     enabled: bool = False
     detector: Literal["content", "adaptive"] = "content"
     threshold: PositiveFloat | None = None
     min_scene_seconds: NonNegativeFloat = 0.5
+    chunk_long: bool = True
 
     def validate(self) -> None:
         if not self.enabled:

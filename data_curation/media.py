@@ -2,8 +2,11 @@
 
 Images go through Pillow (EXIF orientation applied, any mode -> RGB, fully loaded so a truncated
 file fails here rather than later). 16-bit greyscale is scaled to 8 bit (not clipped), transparency
-is composited on a background colour (white by default), and an animated image is refused
-(`animated_image`) rather than silently cut to its first frame. A decoded-pixel limit (`max_pixels`,
+is composited on a background colour (white by default). An animated image (GIF, WebP, APNG) is
+never silently cut to its first frame: where the task wants a video it is decoded as one
+(`decode_animated`: every frame shown for its own duration, sampled at the target fps like a video
+file), where it wants a still it is refused (`animated_image`) or, when asked, kept as its first
+frame with the number of frames dropped recorded on the result. A decoded-pixel limit (`max_pixels`,
 per image or video frame) is checked from the header before any pixel is decoded (`too_many_pixels`);
 Pillow's own decompression-bomb error, raised for far larger files, maps to the same reason. Videos go through decord, which reports fps and frame count;
 frames are sampled at a target fps up to a maximum duration, the count forced to 4k+1 (what a
@@ -13,12 +16,14 @@ code; the pipeline turns it into a quarantine row, so one bad file never stops a
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import tempfile
 import warnings
-from pathlib import Path
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -31,6 +36,10 @@ TEXT_FIELDS = ("caption", "question", "answer")
 DEFAULT_MAX_PIXELS = 40_000_000
 WHITE = (255, 255, 255)
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+ANIMATED_MODES = ("quarantine", "first_frame", "video")
+# a frame delay of 10 ms or less (0 is common in GIFs) is shown for 100 ms, as browsers do
+MIN_FRAME_SECONDS = 0.01
+DEFAULT_FRAME_SECONDS = 0.1
 
 
 @dataclass
@@ -64,12 +73,14 @@ class MediaError(ValueError):
 
 @dataclass
 class Decoded:
-    """Frames [F, H, W, 3] uint8 plus what the source said about its timing (images: fps 0)."""
+    """Frames [F, H, W, 3] uint8 plus what the source said about its timing (images: fps 0).
+    `dropped_frames`: frames of an animated image that were left out to keep it a still."""
 
     frames: np.ndarray
     fps: float = 0.0
     source_frames: int = 1
     duration: float = 0.0
+    dropped_frames: int = 0
 
     @property
     def height(self) -> int:
@@ -111,34 +122,98 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 background: tuple[int, int, int] = WHITE) -> Decoded:
-    """Image bytes -> one RGB frame; `max_pixels` (0 = no limit) is checked before decoding."""
+def _check_image_bytes(data, what: str) -> None:
     if not data:
-        raise MediaError("empty_file", "zero-byte image")
+        raise MediaError("empty_file", f"zero-byte {what}")
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise MediaError("wrong_type", f"image data is a {type(data).__name__}, expected bytes")
-    try:
+        raise MediaError("wrong_type", f"{what} data is a {type(data).__name__}, expected bytes")
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 background: tuple[int, int, int] = WHITE, animated: str = "quarantine") -> Decoded:
+    """Image bytes -> one RGB frame; `max_pixels` (0 = no limit) is checked before decoding.
+    An animated image is quarantined (`animated="quarantine"`), kept as its first frame with
+    `dropped_frames` set (`"first_frame"`), or decoded as a video (`"video"`: see `decode_animated`,
+    which this then calls with its defaults)."""
+    if animated not in ANIMATED_MODES:
+        raise ValueError(f"animated={animated!r}: expected one of {ANIMATED_MODES}")
+    if animated == "video":
+        return decode_animated(data, max_pixels=max_pixels, background=background)
+    _check_image_bytes(data, "image")
+    with _pillow_errors():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
             with Image.open(io.BytesIO(data)) as img:
                 _check_pixels(img.width, img.height, max_pixels, "image")
                 frames = getattr(img, "n_frames", 1)
-                if frames > 1:
+                if frames > 1 and animated == "quarantine":
                     raise MediaError("animated_image", f"{img.format} with {frames} frames: an animated image "
-                                                       "is not curated as a still (convert it to a video)")
+                                                       "is not curated as a still (convert it to a video, list "
+                                                       "it as a video task, or set decode.animated_images: "
+                                                       "first_frame)")
+                img.seek(0)
                 img.load()
                 rgb = _to_rgb(ImageOps.exif_transpose(img), background)
+    return Decoded(np.asarray(rgb)[None], dropped_frames=frames - 1)
+
+
+def animation_sample(durations: list[float], target_fps: float, max_seconds: float) -> tuple[np.ndarray, float]:
+    """(frame indices, fps) to sample an animation whose frames show for `durations` seconds: at
+    most `target_fps` frames per second of its first `max_seconds`, the count forced down to 4k+1,
+    at evenly spaced times (each index is the frame on screen then)."""
+    ends = np.cumsum(durations)
+    clip = min(float(ends[-1]), max_seconds)
+    wanted = max(1, int(clip * target_fps + 1e-9))
+    count = 1 + 4 * ((wanted - 1) // 4)
+    times = np.arange(count) * (clip / count)
+    indices = np.minimum(np.searchsorted(ends, times, side="right"), len(durations) - 1)
+    return indices.astype(np.int64), (count / clip if count > 1 else 0.0)
+
+
+def decode_animated(data: bytes, target_fps: float = 12.0, max_seconds: float = 6.0,
+                    max_pixels: int = DEFAULT_MAX_PIXELS, background: tuple[int, int, int] = WHITE) -> Decoded:
+    """An animated image's bytes -> sampled RGB frames, as a video: each frame shown for its own
+    delay (10 ms or less counts as 100 ms), sampled by `animation_sample`; `duration` is the whole
+    animation's. A still image is decoded as by `decode_image` (one frame, no duration)."""
+    _check_image_bytes(data, "image")
+    with _pillow_errors():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                _check_pixels(img.width, img.height, max_pixels, "image")
+                count = getattr(img, "n_frames", 1)
+                if count < 2:
+                    return decode_image(data, max_pixels, background)
+                durations = []
+                for i in range(count):
+                    img.seek(i)
+                    img.load()  # WebP reports a frame's delay once it is loaded
+                    ms = img.info.get("duration") or 0
+                    durations.append(ms / 1000 if ms / 1000 > MIN_FRAME_SECONDS else DEFAULT_FRAME_SECONDS)
+                indices, fps = animation_sample(durations, target_fps, max_seconds)
+                decoded: dict[int, np.ndarray] = {}
+                for i in sorted(set(indices.tolist())):  # forward seeks only: GIF frames build on the last
+                    img.seek(i)
+                    img.load()
+                    decoded[i] = np.asarray(_to_rgb(ImageOps.exif_transpose(img), background))
+    frames = np.stack([decoded[i] for i in indices.tolist()])
+    return Decoded(frames, fps=fps, source_frames=count, duration=float(sum(durations)))
+
+
+@contextlib.contextmanager
+def _pillow_errors() -> Iterator[None]:
+    """Pillow's exceptions -> `MediaError` with the quarantine reason (a MediaError passes through)."""
+    try:
+        yield
+    except MediaError:
+        raise
     except Image.DecompressionBombError as exc:
         raise MediaError("too_many_pixels", str(exc)) from None
     except UnidentifiedImageError as exc:
         raise MediaError("undecodable_image", str(exc)) from None
-    except MediaError:
-        raise
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         reason = "truncated_image" if "truncated" in str(exc).lower() else "undecodable_image"
         raise MediaError(reason, str(exc)) from None
-    return Decoded(np.asarray(rgb)[None])
 
 
 def sample_frame_indices(source_frames: int, fps: float, target_fps: float, max_seconds: float) -> np.ndarray:
@@ -209,10 +284,14 @@ def probe_video(data: bytes) -> tuple[int, float]:
 
 def decode_media(data: bytes, kind: str, target_fps: float, max_seconds: float,
                  max_pixels: int = DEFAULT_MAX_PIXELS, background: tuple[int, int, int] = WHITE,
-                 span: tuple[int, int] | None = None) -> Decoded:
-    """Image or video bytes -> `Decoded`; `span` (videos only): the scene's frames `[start, end)`."""
+                 span: tuple[int, int] | None = None, animated: str = "quarantine") -> Decoded:
+    """Image or video bytes -> `Decoded`; `span` (videos only): the scene's frames `[start, end)`;
+    `animated` (images only): what an animated image becomes (`decode_image`), `"video"` sampled
+    at `target_fps` up to `max_seconds` like a video file."""
     if kind == "image":
-        return decode_image(data, max_pixels, background)
+        if animated == "video":
+            return decode_animated(data, target_fps, max_seconds, max_pixels, background)
+        return decode_image(data, max_pixels, background, animated)
     if kind == "video":
         return decode_video(data, target_fps, max_seconds, max_pixels, span)
     raise MediaError("wrong_type", f"media kind {kind!r} is neither image nor video")

@@ -9,8 +9,9 @@ Two streaming Ray Data passes, because dedup is a global decision:
    streams them through prepare (CPU tasks) → caption actor pool (optional) → VAE and ViT actor
    pools → tokenize; shards are written from the driver as batches arrive.
 
-With scene splitting on, pass 1 yields one row per scene (keyed `<uri>#t=<start>,<end>`), and from
-there on a scene is an item: deduplicated, encoded, written and entered in the ledger on its own.
+With scene splitting on, pass 1 yields one row per scene, or per clip of a scene longer than the
+clip-length limit (keyed `<uri>#t=<start>,<end>`), and from there on a clip is an item:
+deduplicated, encoded, written and entered in the ledger on its own.
 
 Decoding twice is the price of not holding a whole refresh's pixels in the object store.
 `curate` starts a dataset (refusing to write over one), `refresh` appends to it; both skip every
@@ -37,7 +38,7 @@ from data_curation.captioning import CaptionStage
 from data_curation.config import CurationConfig
 from data_curation.dedup import Candidate, find_duplicates
 from data_curation.encoders import encoder_description, model_config
-from data_curation.report import count_outcomes, flat_metrics, write_report
+from data_curation.report import animation_counts, count_outcomes, flat_metrics, scene_counts, write_report
 from data_curation.scenes import parent_uri
 from data_curation.sources import SourceItem, list_source
 from data_curation.stages import (
@@ -254,8 +255,9 @@ def _run(cfg, mode, dataset, manifest, model_cfg, encoder, on_shard, tracker) ->
 
     counts.update(count_outcomes(inspected))
     if cfg.scenes.enabled:
-        split = Counter(parent_uri(r["source_uri"]) for r in inspected if r.get("start_frame") is not None)
-        counts["scenes"] = {"videos": len(split), "scenes": sum(split.values())}
+        counts["scenes"] = scene_counts(inspected)
+    if (animated := animation_counts(inspected)) is not None:
+        counts["animated"] = animated
     counts["curated"] = sum(s["rows"] for s in writer.shards)
     counts["shards"] = len(writer.shards)
     report_rel = f"reports/run-{run:05d}"

@@ -4,6 +4,10 @@ Written next to the shards (`reports/run-RRRRR/`) and logged to MLflow as artifa
 plus PNG plots of the input resolution, video duration and caption length of every decodable new
 item, and of the bucket distribution of the curated rows. Counts cover every listed item, so the
 numbers add up: listed = already seen + new; new = quarantined + filtered + duplicates + curated.
+With scene splitting, each video that was split counts as its clips from there on:
+new - scenes.videos + scenes.clips = quarantined + filtered + duplicates + curated (`scene_counts`).
+`animated` (only when there were any) counts the animated images decoded as videos, those kept as
+their first frame, and the frames the latter dropped (`animation_counts`).
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_curation.scenes import parent_uri
 from data_curation.store import write_json_atomic
 
 
@@ -22,6 +27,25 @@ def count_outcomes(inspected: list[dict]) -> dict[str, dict[str, int]]:
         if row["status"] != "ok":
             out.setdefault(row["status"], Counter())[row["reason"]] += 1
     return {k: dict(sorted(v.items())) for k, v in sorted(out.items())}
+
+
+def scene_counts(inspected: list[dict]) -> dict[str, int]:
+    """{videos split, scenes detected in them, long_scenes cut into several clips, clips (= rows)}."""
+    split = [r for r in inspected if r.get("start_frame") is not None]
+    scenes = {(parent_uri(r["source_uri"]), r.get("scene_index")) for r in split}
+    long = {(parent_uri(r["source_uri"]), r.get("scene_index")) for r in split if (r.get("scene_parts") or 1) > 1}
+    return {"videos": len({parent_uri(r["source_uri"]) for r in split}), "scenes": len(scenes),
+            "long_scenes": len(long), "clips": len(split)}
+
+
+def animation_counts(inspected: list[dict]) -> dict[str, int] | None:
+    """{as_video, first_frame, dropped_frames} of the animated images among the decoded rows; None
+    when there were none."""
+    kinds = Counter(r.get("animated") for r in inspected if r.get("animated"))
+    if not kinds:
+        return None
+    return {"as_video": kinds["video"], "first_frame": kinds["first_frame"],
+            "dropped_frames": sum(int(r.get("dropped_frames") or 0) for r in inspected if r.get("animated"))}
 
 
 def flat_metrics(counts: dict) -> dict[str, float]:

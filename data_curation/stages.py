@@ -7,9 +7,13 @@ composed by `pipeline.py` with `Dataset.map_batches`. CPU stages (`InspectStage`
 once per actor.
 
 - `InspectStage` (pass 1): fetch, decode, validate, score and filter each item, and hash it for
-  dedup; with `scenes.enabled` a video is first cut into scenes (`data_curation.scenes`) and each
-  scene is inspected as an item of its own (its frame span travels to pass 2 with it). It outputs small metadata rows only: a rejected item gets `status` + `reason`, never
-  disappears. Any other exception one item raises is quarantined as `unexpected_error` (with the
+  dedup; with `scenes.enabled` a video is first cut into scenes (`data_curation.scenes`), a scene
+  longer than the clip-length limit into consecutive clips (`scenes.chunk_long`), and each clip is
+  inspected as an item of its own (its frame span travels to pass 2 with it). An animated image
+  where the task wants a video (`VIDEO_SLOTS`) is decoded as a video; where it wants a still,
+  `decode.animated_images` decides (quarantined, or its first frame kept, logged and counted in the
+  row's `animated` / `dropped_frames`). It outputs small metadata rows only: a rejected item gets
+  `status` + `reason`, never disappears. Any other exception one item raises is quarantined as `unexpected_error` (with the
   exception in the detail, and logged), so no single item can stop a job.
 - `PrepareStage` (pass 2): fetch and decode the kept items again, choose the aspect bucket and make
   the VAE copy and the ViT copy of every slot the task needs (uint8 frames [F, H, W, 3]; a slot
@@ -25,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -52,7 +56,7 @@ from data_curation.media import (
     encode_pixels,
     probe_video,
 )
-from data_curation.scenes import detect_scenes, scene_sample_id, scene_uri
+from data_curation.scenes import chunk_scenes, detect_scenes, scene_sample_id, scene_uri
 from lance_platform.schema import SLOTS, tensor_to_bytes
 from data_curation.sources import TEXT_FIELDS, UNDERSTANDING_TASKS, Fetcher, main_slot
 
@@ -61,6 +65,8 @@ log = logging.getLogger(__name__)
 EMPTY_FRAMES = np.zeros((0, 0, 0, 3), dtype=np.uint8)
 EDIT_TASKS = ("i2i", "v2v")
 I2V = "i2v"
+# the slots each task wants as a video: an animated image there is decoded as one
+VIDEO_SLOTS = {"t2v": ("target",), "i2v": ("target",), "v2v": ("target", "source"), "v2t": ("source",)}
 
 
 def slot_copies(task: str, slot: str) -> tuple[bool, bool]:
@@ -118,6 +124,12 @@ class LoadedItem:
     visuals: dict[str, Decoded]
     text: dict[str, str | None]
     is_video: bool
+    animated: dict[str, str] = field(default_factory=dict)  # slot -> "video" | "first_frame"
+
+    @property
+    def dropped_frames(self) -> int:
+        """Frames of animated images left out to keep them stills."""
+        return sum(v.dropped_frames for v in self.visuals.values())
 
 
 def fetch_item(fetcher: Fetcher, item: dict) -> Fetched:
@@ -144,16 +156,19 @@ def load_item(fetcher: Fetcher, item: dict, cfg: CurationConfig, span: tuple[int
             "question": decode_text(fetched.text["question"], "question", understanding and caption is None, limit),
             "answer": decode_text(fetched.text["answer"], "answer", understanding, limit)}
     main = main_slot(task)
-    visuals = {}
+    visuals, animated = {}, {}
     for slot, (data, kind) in fetched.media.items():
+        mode = "video" if slot in VIDEO_SLOTS.get(task, ()) else cfg.decode.animated_images
         visuals[slot] = decode_media(data, kind, cfg.decode.target_fps, max_seconds, cfg.checks.max_pixels,
-                                     tuple(cfg.decode.alpha_background), span if slot == main else None)
+                                     tuple(cfg.decode.alpha_background), span if slot == main else None, mode)
         check_size(visuals[slot], cfg.checks.min_side, cfg.checks.max_side)
+        if kind == "image" and (visuals[slot].duration > 0 or visuals[slot].dropped_frames):
+            animated[slot] = "video" if visuals[slot].duration > 0 else "first_frame"
     if main not in visuals:
         raise MediaError("missing_media", f"task {task} needs a {main} visual")
-    is_video = fetched.media[main][1] == "video"
+    is_video = fetched.media[main][1] == "video" or animated.get(main) == "video"
     sample_id = fetched.sample_id() if span is None else scene_sample_id(fetched.sample_id(), *span)
-    return LoadedItem(sample_id, visuals, text, is_video)
+    return LoadedItem(sample_id, visuals, text, is_video, animated)
 
 
 def guarded(fn, item: dict, *args, **kwargs):
@@ -192,14 +207,17 @@ def _main_text(text: dict[str, str | None]) -> str:
 SCENE_COLUMNS = ["start_frame", "end_frame", "start_s", "end_s"]
 INSPECT_COLUMNS = ["source_uri", "fingerprint", "task", "sample_id", "status", "reason", "detail", "height",
                    "width", "num_frames", "duration", "caption_chars", "blur_score", "motion_score", "phash",
-                   *SCENE_COLUMNS]
+                   *SCENE_COLUMNS, "scene_index", "scene_parts", "animated", "dropped_frames"]
 
 
 class InspectStage:
     """Items (source_uri, fingerprint, task, locator) -> metadata rows with status ok / quarantined /
     filtered, the filter scores and a perceptual hash. With `scenes.enabled`, a video item gives one
-    row per scene (`source_uri` = `scenes.scene_uri`, its span in `start_frame`/`end_frame` and
-    `start_s`/`end_s`), each inspected and filtered as an item of its own."""
+    row per scene, or per clip of a long scene (`source_uri` = `scenes.scene_uri`, its span in
+    `start_frame`/`end_frame` and `start_s`/`end_s`, the detected scene's number in `scene_index`
+    and the number of clips it was cut into in `scene_parts`), each inspected and filtered as an item
+    of its own. `animated`: "video" when an animated image was decoded as a video, "first_frame"
+    when one was kept as its first frame (`dropped_frames`: how many frames that left out)."""
 
     def __init__(self, cfg: CurationConfig) -> None:
         self.cfg = cfg
@@ -222,14 +240,24 @@ class InspectStage:
             scenes = guarded(detect_scenes, item, data, self.cfg.scenes, fps, num_frames)
         except MediaError as exc:
             return [self.inspect(item, error=exc)]
-        log.debug("%s: %d scene(s)", item["source_uri"], len(scenes))
+        detected = len(scenes)
+        if self.cfg.scenes.chunk_long:
+            scenes = chunk_scenes(scenes, self.clip_seconds(), self.cfg.filters.min_seconds)
+        log.debug("%s: %d scene(s), %d clip(s)", item["source_uri"], detected, len(scenes))
         rows = []
         for scene in scenes:
             part = {**item, "source_uri": scene_uri(item["source_uri"], scene)}
             rows.append({**self.inspect(part, fetched=fetched, span=(scene.start, scene.end)),
                          "start_frame": scene.start, "end_frame": scene.end,
-                         "start_s": scene.start_s, "end_s": scene.end_s})
+                         "start_s": scene.start_s, "end_s": scene.end_s,
+                         "scene_index": scene.index, "scene_parts": scene.parts})
         return rows
+
+    def clip_seconds(self) -> float:
+        """The longest clip a scene may be: `decode.max_seconds` (what is sampled of a generation
+        video), or `filters.max_seconds` when that is set and smaller (what the filter keeps)."""
+        limit = self.cfg.decode.max_seconds
+        return min(limit, self.cfg.filters.max_seconds) if self.cfg.filters.max_seconds else limit
 
     def inspect(self, item: dict, fetched: Fetched | None = None, span: tuple[int, int] | None = None,
                 error: MediaError | None = None) -> dict:
@@ -242,6 +270,12 @@ class InspectStage:
         except MediaError as exc:
             return {**row, "status": "quarantined", "reason": exc.reason, "detail": exc.detail}
         main = loaded.visuals[main_slot(item["task"])]
+        if loaded.animated:
+            row.update(animated="first_frame" if "first_frame" in loaded.animated.values() else "video",
+                       dropped_frames=loaded.dropped_frames)
+            if loaded.dropped_frames:
+                log.info("%s: animated image kept as its first frame (%d frame(s) dropped; "
+                         "decode.animated_images: first_frame)", item["source_uri"], loaded.dropped_frames)
         filters = self.cfg.filters
         stats = ItemStats(main.height, main.width, loaded.is_video, main.duration, len(_main_text(loaded.text)),
                           blur_score(main.frames), motion_score(main.frames),

@@ -74,8 +74,10 @@ def test_scene_keys_map_back_to_their_item():
 
 
 def test_each_scene_is_inspected_filtered_and_sampled_on_its_own(corpus, folder_config, tmp_path):
-    cfg = folder_config(corpus, tmp_path / "out", "scenes.enabled=true", "filters.min_seconds=2.2",
-                        "filters.max_seconds=2.8", "filters.min_motion=0", "filters.min_blur=0")
+    # chunk_long off: the 3 s scene is judged whole (chunking it to the 2.8 s limit: test_long_scenes.py)
+    cfg = folder_config(corpus, tmp_path / "out", "scenes.enabled=true", "scenes.chunk_long=false",
+                        "filters.min_seconds=2.2", "filters.max_seconds=2.8", "filters.min_motion=0",
+                        "filters.min_blur=0")
     [item] = [vars(i) for i in list_source(cfg.sources[0])]
     rows = InspectStage(cfg).inspect_all(item)
     assert [r["status"] for r in rows] == ["filtered", "filtered", "ok"]
@@ -128,7 +130,7 @@ def test_curated_run_has_one_row_per_kept_scene_and_new_captions(ray_local, corp
                         f"captioning.path='{tmp_path / 'ckpt'}'", "captioning.max_new_tokens=5",
                         "encode.actor_num_cpus=0.3")  # three actor pools on 2 CPUs leave 1 for the tasks
     result = run_curation(cfg, "curate")
-    assert result.counts["new"] == 2 and result.counts["scenes"] == {"videos": 1, "scenes": 3}
+    assert result.counts["new"] == 2 and result.counts["scenes"] == {"videos": 1, "scenes": 3, "long_scenes": 0, "clips": 3}
     assert result.counts["curated"] == 3 and result.counts["filtered"] == {"duration": 1}
     manifest = json.loads((out / "manifest.json").read_text())
     rows = [r for s in manifest["shards"] for r in read_shard(out / s["path"]).to_pylist()]
