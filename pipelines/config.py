@@ -100,6 +100,8 @@ class OptimConfig:
     grad_clip: PositiveFloat = 1.0
     warmup_steps: NonNegativeInt = 0
     schedule: Schedule = "constant"
+    # AdamW's fused CUDA kernel (GPU workers only; CPU workers use the default implementation)
+    fused: bool = False
 
 
 @configclass

@@ -227,9 +227,16 @@ class Ema:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        """shadow <- shadow + (1 - decay) (param - shadow), on the local shards in one foreach call
+        (a DTensor op per parameter costs a Python dispatch each; the shards are what FSDP2 holds)."""
+        shadows, params = [], []
         for n, p in model.named_parameters():
             if p.requires_grad:
-                self.shadow[plain_name(n)].lerp_(p.detach().float(), 1.0 - self.decay)
+                shadows.append(_local(self.shadow[plain_name(n)]))
+                local = _local(p.detach())
+                params.append(local if local.dtype == torch.float32 else local.float())
+        if shadows:
+            torch._foreach_lerp_(shadows, params, 1.0 - self.decay)
 
     def full_state(self) -> dict[str, torch.Tensor]:
         return {n: parallel.full_tensor(t).cpu() for n, t in self.shadow.items()}
@@ -246,6 +253,11 @@ class Ema:
 
 # ---------------------------------------------------------------------------------------- state
 FINAL_METRICS = "final_metrics.json"
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view of its storage), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def write_final_metrics(stage_dir: Path, metrics: dict) -> None:
@@ -718,7 +730,9 @@ def train_loop(config: dict[str, Any]) -> None:
 
     params = [p for p in model.parameters() if p.requires_grad]
     o = stage.optim
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    fused = {"fused": True} if o.fused and use_gpu else {}  # one kernel per step over all tensors (CUDA)
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                                  **fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, stage))
     ema = Ema(model, stage.ema_decay) if stage.ema_decay > 0 else None  # LoRA: of the adapters
     lora_record = adapters.adapter_record(stage, config.get("init_path")) if stage.lora_enabled else None
