@@ -56,12 +56,19 @@ def root_forward(model: torch.nn.Module, fn: Callable[[], Any]) -> Any:
         del model.forward
 
 
-def apply_activation_checkpointing(model: Lance) -> None:
+def apply_activation_checkpointing(model: Lance, every: int = 1) -> list[int]:
+    """Recompute the activations of every `every`-th decoder layer in the backward (layers 0,
+    every, 2 * every, ...: 1 = all of them; 2 = half, trading less memory saved for less recompute).
+    Returns the wrapped layer indexes."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+    if every < 1:
+        raise ValueError(f"every={every}: expected a positive layer stride")
     layers = model.language_model.model.layers
-    for i, layer in enumerate(layers):
-        layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
+    wrapped = list(range(0, len(layers), every))
+    for i in wrapped:
+        layers[i] = checkpoint_wrapper(layers[i], preserve_rng_state=False)
+    return wrapped
 
 
 def apply_fsdp(model: Lance, device: torch.device, bf16: bool) -> None:

@@ -75,6 +75,8 @@ class ModelConfig:
     preset: PresetName = "tiny"  # init.kind=qwen25vl: the fields the Qwen2.5-VL checkpoint does not fix
     overrides: dict[str, Any] = field(default_factory=dict)  # LanceConfig fields (e.g. ce_weight)
     activation_checkpointing: bool = False
+    # with activation_checkpointing: recompute every n-th decoder layer (1 = all; 2 = half of them)
+    activation_checkpointing_every: PositiveInt = 1
     compile: bool = False
 
     def validate(self, init_kind: str = "preset") -> None:

@@ -710,7 +710,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if stage.model.compile:
             compile_layers(model)
         if stage.model.activation_checkpointing:
-            parallel.apply_activation_checkpointing(model)
+            parallel.apply_activation_checkpointing(model, stage.model.activation_checkpointing_every)
         if parallel.distributed() and (world > 1 or use_gpu):
             # FSDP2 also on a single GPU: fp32 master weights with bf16 compute
             parallel.apply_fsdp(model, device, bf16=use_gpu)
