@@ -277,9 +277,11 @@ def evaluate_checkpoint(checkpoint: Path, cfg: RecipeConfigs, pool) -> tuple[dic
             answers += generate_text(generator.model, generator.builder, chunk,
                                      TextOptions(max_new_tokens=e.max_new_tokens))
     exact = [float(ans.text.strip() == r["answer"]) for ans, r in zip(answers, qa)]
+    chars = [char_accuracy(ans.text, r["answer"]) for ans, r in zip(answers, qa)]
     metrics = {"t2i_ocr_accuracy": float(np.mean(scored.components["ocr"])),
                "t2i_ocr_exact": float(np.mean(scored.components["ocr_exact"])),
                "i2t_exact_match": float(np.mean(exact)) if exact else float("nan"),
+               "i2t_char_accuracy": float(np.mean(chars)) if chars else float("nan"),
                "t2i_samples": len(images), "i2t_samples": len(exact), "image_size": [height, width],
                "sampler": {"steps": e.steps, "cfg_scale": e.cfg_scale, "ode": True},
                "examples": [{"word": w, "ocr_text": t} for w, t in zip(words[:8], scored.texts[:8])]
@@ -287,6 +289,15 @@ def evaluate_checkpoint(checkpoint: Path, cfg: RecipeConfigs, pool) -> tuple[dic
                "question": spec.question}
     del generator
     return metrics, images
+
+
+def char_accuracy(answer: str, word: str) -> float:
+    """1 - edit distance / len(word) (at least 0) between an i2t answer and the word, after the OCR
+    reward's normalisation: a dense companion of exact match (a wrong letter costs 1/len)."""
+    from rl.rewards import levenshtein, normalize_text
+
+    got, want = normalize_text(answer), normalize_text(word)
+    return 1.0 - min(levenshtein(got, want), len(want)) / max(len(want), 1)
 
 
 def grid_png(path: Path, rows: list[list]) -> Path:
@@ -305,6 +316,9 @@ def grid_png(path: Path, rows: list[list]) -> Path:
     return path
 
 
+METRICS = ("t2i_ocr_accuracy", "t2i_ocr_exact", "i2t_exact_match", "i2t_char_accuracy")
+
+
 def results_table(cfg: RecipeConfigs) -> tuple[dict, str]:
     """Every finished stage's wall time and every evaluation so far -> (JSON, markdown)."""
     rows = []
@@ -314,7 +328,7 @@ def results_table(cfg: RecipeConfigs) -> tuple[dict, str]:
         metrics = json.loads(ev.read_text()) if ev.is_file() else {}
         rows.append({"stage": stage, "finished": done is not None,
                      "seconds": done["seconds"] if done else None, "eval_seconds": metrics.get("seconds"),
-                     **{k: metrics.get(k) for k in ("t2i_ocr_accuracy", "t2i_ocr_exact", "i2t_exact_match")}})
+                     **{k: metrics.get(k) for k in METRICS}})
     total = sum(r["seconds"] or 0.0 for r in rows) + sum(r["eval_seconds"] or 0.0 for r in rows)
     data = {"recipe": cfg.recipe.name, "workdir": str(cfg.workdir), "heldout_words": len(heldout_words(cfg.curate)),
             "evaluated_words": min(cfg.recipe.evaluation.words, len(heldout_words(cfg.curate))),
@@ -324,11 +338,12 @@ def results_table(cfg: RecipeConfigs) -> tuple[dict, str]:
         return "-" if v is None else f"{v:.{digits}f}"
 
     lines = [f"# {cfg.recipe.name}: held-out words ({data['evaluated_words']} of {data['heldout_words']})", "",
-             "| stage | wall time (s) | eval time (s) | t2i OCR accuracy | t2i OCR exact | i2t exact match |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| stage | wall time (s) | eval time (s) | t2i OCR accuracy | t2i OCR exact | i2t exact match "
+             "| i2t char accuracy |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['stage']} | {cell(r['seconds'], 1)} | {cell(r['eval_seconds'], 1)} | "
-                     f"{cell(r['t2i_ocr_accuracy'])} | {cell(r['t2i_ocr_exact'])} | {cell(r['i2t_exact_match'])} |")
+                     f"{cell(r['t2i_ocr_accuracy'])} | {cell(r['t2i_ocr_exact'])} | {cell(r['i2t_exact_match'])} | "
+                     f"{cell(r.get('i2t_char_accuracy'))} |")
     lines += ["", f"total: {total:.1f} s"]
     return data, "\n".join(lines) + "\n"
 
@@ -384,11 +399,11 @@ def _evaluate_stage(cfg: RecipeConfigs, stage: str, checkpoint: str, pool, track
     metrics.update(stage=stage, checkpoint=checkpoint, seconds=time.time() - start)
     write_json(cfg.workdir / "eval" / f"{stage}.json", metrics)
     grid = grid_png(cfg.workdir / f"samples_{stage}.png", [images[:cfg.recipe.evaluation.grid]])
-    log.info("recipe: after %s, held-out t2i OCR accuracy %.3f (exact %.3f), i2t exact match %.3f", stage,
-             metrics["t2i_ocr_accuracy"], metrics["t2i_ocr_exact"], metrics["i2t_exact_match"])
+    log.info("recipe: after %s, held-out t2i OCR accuracy %.3f (exact %.3f), i2t exact match %.3f (characters "
+             "%.3f)", stage, metrics["t2i_ocr_accuracy"], metrics["t2i_ocr_exact"], metrics["i2t_exact_match"],
+             metrics["i2t_char_accuracy"])
     if tracker is not None:
-        tracker.log_metrics({f"{stage}/{k}": metrics[k] for k in ("t2i_ocr_accuracy", "t2i_ocr_exact",
-                                                                   "i2t_exact_match")})
+        tracker.log_metrics({f"{stage}/{k}": metrics[k] for k in METRICS})
         tracker.log_artifact(grid, "samples")
 
 

@@ -58,6 +58,16 @@ def test_recipe_configs_validate(tmp_path):
     assert cfg.heldout.output.dir == str(tmp_path / "heldout") and not cfg.heldout.tracking.enabled
 
 
+def test_i2t_char_accuracy_is_one_minus_the_edit_distance_per_letter():
+    from jobs.recipe import char_accuracy
+
+    assert char_accuracy("BALOM", "BALOM") == 1.0
+    assert char_accuracy(" balom\n", "BALOM") == 1.0  # the OCR reward's normalisation
+    assert char_accuracy("BALOK", "BALOM") == pytest.approx(0.8)
+    assert char_accuracy("BAL", "BALOM") == pytest.approx(0.6)
+    assert char_accuracy("", "BALOM") == 0.0 and char_accuracy("XXXXXXXXXX", "BALOM") == 0.0
+
+
 def test_recipe_config_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match=r"pt\.optim\.lr"):
         load_recipe(RECIPE, [f"workdir={tmp_path}", "pt.optim.lr=fast"])
@@ -108,8 +118,9 @@ def test_recipe_runs_every_stage_and_resumes(tmp_path):
         assert row["finished"] and row["seconds"] > 0
         if row["stage"] == "curate":
             continue
-        for key in ("t2i_ocr_accuracy", "t2i_ocr_exact", "i2t_exact_match"):
+        for key in ("t2i_ocr_accuracy", "t2i_ocr_exact", "i2t_exact_match", "i2t_char_accuracy"):
             assert 0.0 <= row[key] <= 1.0, (row["stage"], key, row[key])
+        assert row["i2t_char_accuracy"] >= row["i2t_exact_match"]
         ev = json.loads((tmp_path / "eval" / f"{row['stage']}.json").read_text())
         assert (ev["t2i_samples"], ev["i2t_samples"], ev["image_size"]) == (4, 4, [32, 32])
         assert ev["sampler"] == {"steps": 2, "cfg_scale": 4.5, "ode": True}
