@@ -66,6 +66,9 @@ class RecipeEvaluation:
     words: PositiveInt = 200          # first N held-out words (all of them when fewer)
     steps: PositiveInt = 30           # deterministic ODE sampler steps
     cfg_scale: float = 4.5            # text CFG of that sampler
+    # t2i OCR accuracy also at these CFG scales (`t2i_ocr_accuracy_by_cfg` in eval/<stage>.json):
+    # which guidance the model renders best with
+    extra_cfg_scales: tuple[float, ...] = ()
     max_new_tokens: PositiveInt = 16  # i2t answer length limit
     batch_size: PositiveInt = 64
     grid: PositiveInt = 16            # samples in each grid PNG
@@ -269,6 +272,12 @@ def evaluate_checkpoint(checkpoint: Path, cfg: RecipeConfigs, pool) -> tuple[dic
                                  sampler, batch_size=e.batch_size)
     images = [o.frames[0].numpy() for o in outputs]
     scored = pool.score(images, prompts)
+    by_cfg = {str(e.cfg_scale): float(np.mean(scored.components["ocr"]))}
+    for scale in e.extra_cfg_scales:
+        other = generator.generate([Request("t2i", p, height, width, seed=i) for i, p in enumerate(prompts)],
+                                   SamplerOptions(num_steps=e.steps, text_scale=scale, noise_level=None),
+                                   batch_size=e.batch_size)
+        by_cfg[str(scale)] = float(np.mean(pool.score([o.frames[0].numpy() for o in other], prompts).components["ocr"]))
     qa = [r for r in heldout_rows(cfg.workdir / "heldout", "i2t") if r["answer"] in set(words)]
     answers = []
     with torch.no_grad():
@@ -280,6 +289,7 @@ def evaluate_checkpoint(checkpoint: Path, cfg: RecipeConfigs, pool) -> tuple[dic
     chars = [char_accuracy(ans.text, r["answer"]) for ans, r in zip(answers, qa)]
     metrics = {"t2i_ocr_accuracy": float(np.mean(scored.components["ocr"])),
                "t2i_ocr_exact": float(np.mean(scored.components["ocr_exact"])),
+               "t2i_ocr_accuracy_by_cfg": by_cfg,
                "i2t_exact_match": float(np.mean(exact)) if exact else float("nan"),
                "i2t_char_accuracy": float(np.mean(chars)) if chars else float("nan"),
                "t2i_samples": len(images), "i2t_samples": len(exact), "image_size": [height, width],

@@ -124,6 +124,9 @@ def test_recipe_runs_every_stage_and_resumes(tmp_path):
         ev = json.loads((tmp_path / "eval" / f"{row['stage']}.json").read_text())
         assert (ev["t2i_samples"], ev["i2t_samples"], ev["image_size"]) == (4, 4, [32, 32])
         assert ev["sampler"] == {"steps": 2, "cfg_scale": 4.5, "ode": True}
+        by_cfg = ev["t2i_ocr_accuracy_by_cfg"]
+        assert sorted(by_cfg) == ["1.0", "2.0", "4.5"] and all(0.0 <= v <= 1.0 for v in by_cfg.values())
+        assert by_cfg["4.5"] == row["t2i_ocr_accuracy"]
     # the recipe's ViT trains with the model on the stored pixels (the preset has no pretrained tower)
     from lance_model.config import LanceConfig
     from lance_platform.schema import read_shard
