@@ -392,15 +392,11 @@ def _small() -> LanceConfig:
     """`nano`'s layout at 768 x 12 (151M backbone parameters over both experts, about 75M active per
     token) with a wider ViT: sized for one-GPU learning runs such as the text-rendering recipe, where
     `nano` steps are bound by launches rather than FLOPs."""
-    return LanceConfig(
-        text=TextConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
-                        head_dim=64, intermediate_size=2048, vocab_size=320, rope_theta=10_000.0,
-                        mrope_section=(8, 12, 12)),
-        vit=VitConfig(depth=4, hidden_size=256, num_heads=4, intermediate_size=512, window_size=112,
-                      fullatt_block_indexes=(3,), out_hidden_size=768),
-        vae=VaeConfig(kind="pixel", latent_channels=48, spatial_stride=4, temporal_stride=1),
-        max_latent_size=64, max_latent_frames=17,
-    )
+    return _nano().with_overrides({
+        "text": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4,
+                 "intermediate_size": 2048},
+        "vit": {"hidden_size": 256, "intermediate_size": 512, "out_hidden_size": 768},
+    })
 
 
 def _lance_3b() -> LanceConfig:

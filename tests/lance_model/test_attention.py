@@ -99,15 +99,19 @@ def run_backend(backend, layout, q, k, v):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_backends_agree_forward_and_backward(seed):
-    samples, perm = random_layout(random.Random(100 + seed))
+def random_case(layout_seed: int, seed: int):
+    """(samples, layout, q [L, 4, 16], k, v [L, 2, 16]) of a random packed layout."""
+    samples, perm = random_layout(random.Random(layout_seed))
     layout = MaskLayout.from_splits(samples, perm)
     n = len(layout)
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(n, 4, 16, generator=g)
-    k = torch.randn(n, 2, 16, generator=g)
-    v = torch.randn(n, 2, 16, generator=g)
+    q, k, v = torch.randn(n, 4, 16, generator=g), torch.randn(n, 2, 16, generator=g), torch.randn(n, 2, 16, generator=g)
+    return samples, layout, q, k, v
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_backends_agree_forward_and_backward(seed):
+    _, layout, q, k, v = random_case(100 + seed, seed)
     ref = run_backend(SdpaAttention(), layout, q, k, v)
     # FlexAttention has no CPU backward: compare its forward here (benchmarks/bench_backbone.py checks gradients on the GPU).
     flex = FlexAttention(compile=False)
@@ -138,11 +142,7 @@ class DenseSdpa:
 
 @pytest.mark.parametrize("seed", range(4))
 def test_sdpa_per_sample_rows_equal_one_dense_mask(seed):
-    samples, perm = random_layout(random.Random(200 + seed))
-    layout = MaskLayout.from_splits(samples, perm)
-    n = len(layout)
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = torch.randn(n, 4, 16, generator=g), torch.randn(n, 2, 16, generator=g), torch.randn(n, 2, 16, generator=g)
+    samples, layout, q, k, v = random_case(200 + seed, seed)
     blocks = SdpaAttention().prepare(layout)
     lengths = [sum(length for _, length in s) for s in samples]
     assert blocks.mask.shape == (len(samples), 1, max(lengths), max(lengths))  # B * Lmax^2, not (sum L)^2
