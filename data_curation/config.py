@@ -98,10 +98,17 @@ class SyntheticSpec:
     backgrounds: Annotated[tuple[Literal["plain", "gradient", "noise"], ...], Field(min_length=1)] = ("plain",)
     min_text_scale: Annotated[float, Field(gt=0, le=1)] = 1.0   # glyphs shrunk by a factor in [this, 1]
     question: NonEmptyStr = "What does the sign say?"
+    # t2i captions: `plain` names the text (a sign that says "BALO"); `styled` (generated vocabulary
+    # only) also names the style it is drawn in, with colours from a named palette (a sign that says
+    # "BALO" in white DejaVuSerif-Bold letters on a noisy navy background), so that a caption pins
+    # the image down up to the glyphs' scale and placement
+    captions: Literal["plain", "styled"] = "plain"
 
     def validate(self, prefix: str) -> None:
         require(self.heldout == 0 or self.heldout < self.vocabulary, f"{prefix}.heldout", self.heldout,
                 f"fewer held-out words than vocabulary={self.vocabulary} (0 when no vocabulary is generated)")
+        require(self.captions == "plain" or self.vocabulary > 0, f"{prefix}.captions", self.captions,
+                "'plain' unless a vocabulary is generated (styled captions describe the styled renders)")
         require(self.split == "train" or self.heldout > 0, f"{prefix}.split", self.split,
                 "'train' unless heldout > 0 (the held-out split is the held-out words)")
         if not isinstance(self.fonts, str):

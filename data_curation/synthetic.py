@@ -19,6 +19,7 @@ a seed.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import logging
@@ -159,6 +160,70 @@ def contrasting_colours(rng: random.Random) -> tuple[tuple[int, int, int], tuple
             return bg, fg
 
 
+# The named colours of styled captions (`captions: styled`): each colour a caption names is one RGB
+# value, so the caption pins the image's colours down.
+NAMED_COLOURS: dict[str, tuple[int, int, int]] = {
+    "black": (0, 0, 0), "white": (255, 255, 255), "red": (215, 25, 30), "green": (30, 150, 60),
+    "blue": (35, 70, 215), "yellow": (250, 215, 35), "orange": (245, 135, 20), "purple": (125, 40, 165),
+    "pink": (245, 130, 185), "brown": (115, 65, 25), "grey": (128, 128, 128), "cyan": (40, 200, 215),
+    "navy": (20, 30, 95), "maroon": (105, 10, 30),
+}
+BACKGROUND_PHRASES = {"plain": "a plain {} background", "gradient": "a {} gradient background",
+                      "noise": "a noisy {} background"}
+
+
+def contrasting_named_colours(rng: random.Random) -> tuple[str, str]:
+    """(background, text) colour names of NAMED_COLOURS whose luma differs by at least MIN_CONTRAST."""
+    names = sorted(NAMED_COLOURS)
+    while True:
+        bg, fg = rng.choice(names), rng.choice(names)
+        if abs(_luma(NAMED_COLOURS[bg]) - _luma(NAMED_COLOURS[fg])) >= MIN_CONTRAST:
+            return bg, fg
+
+
+def face_name(font: str) -> str:
+    """How a styled caption names a font file: its file name without the extension
+    (`DejaVuSerif-Bold`), `default` for Pillow's font."""
+    return font if font == DEFAULT_FONT else os.path.splitext(os.path.basename(font))[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class TextStyle:
+    """The random choices behind one styled render (`text_style`)."""
+
+    font: str                        # a font file or DEFAULT_FONT
+    background: str                  # plain | gradient | noise
+    bg: tuple[int, int, int]
+    fg: tuple[int, int, int]
+    scale: float                     # glyphs shrunk by this factor of the fitted size
+    bg_name: str | None = None       # the colours' names when drawn from NAMED_COLOURS
+    fg_name: str | None = None
+
+    def describe(self) -> str:
+        """The caption phrase of this style (named colours only)."""
+        if self.bg_name is None or self.fg_name is None:
+            raise ValueError("only a style with named colours can be described")
+        ground = BACKGROUND_PHRASES[self.background].format(self.bg_name)
+        if ground[2] in "aeiou":
+            ground = "an" + ground[1:]
+        return f"{self.fg_name} {face_name(self.font)} letters on {ground}"
+
+
+def text_style(rng: random.Random, fonts: tuple[str, ...], backgrounds: tuple[str, ...], min_scale: float,
+               named: bool = False) -> TextStyle:
+    """Draw one item's style from `rng` (font, background kind, colours, glyph scale, in that order);
+    `named`: colours from NAMED_COLOURS (so a caption can name them), else random RGB."""
+    font = rng.choice(fonts)
+    kind = rng.choice(backgrounds)
+    if named:
+        bg_name, fg_name = contrasting_named_colours(rng)
+        bg, fg = NAMED_COLOURS[bg_name], NAMED_COLOURS[fg_name]
+    else:
+        bg_name = fg_name = None
+        bg, fg = contrasting_colours(rng)
+    return TextStyle(font, kind, bg, fg, rng.uniform(min_scale, 1.0), bg_name, fg_name)
+
+
 def background(kind: str, bg: tuple[int, int, int], height: int, width: int, rng: random.Random) -> np.ndarray:
     """A float [H, W, 3] background around colour `bg`: plain, a linear gradient (up to +-40 per
     channel along a random direction) or Gaussian noise (sigma 12), clipped to [0, 255]."""
@@ -177,30 +242,37 @@ def background(kind: str, bg: tuple[int, int, int], height: int, width: int, rng
 
 
 def render_styled_text(text: str, height: int, width: int, seed: int, fonts: tuple[str, ...],
-                       backgrounds: tuple[str, ...], min_scale: float) -> np.ndarray:
+                       backgrounds: tuple[str, ...], min_scale: float, named_colours: bool = False) -> np.ndarray:
     """RGB uint8 [H, W, 3]: `text` (a space starts a new line) in a font of `fonts`, fitted to ~90%
     of the width and ~80% of the height, shrunk by a random factor in [min_scale, 1], placed at a
-    random offset inside the image, in a colour contrasting with a background of `backgrounds`."""
+    random offset inside the image, in a colour contrasting with a background of `backgrounds`
+    (`text_style` draws these from `seed`; `styled_caption` names them)."""
     rng = random.Random(seed)
-    font_name = rng.choice(fonts)
-    kind = rng.choice(backgrounds)
-    bg, fg = contrasting_colours(rng)
-    scale = rng.uniform(min_scale, 1.0)
+    style = text_style(rng, fonts, backgrounds, min_scale, named_colours)
     lines = "\n".join(text.split())
     probe_size = 64
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    left, top, right, bottom = probe.multiline_textbbox((0, 0), lines, font=_font(font_name, probe_size),
+    left, top, right, bottom = probe.multiline_textbbox((0, 0), lines, font=_font(style.font, probe_size),
                                                         align="center")
     fit = min(0.9 * width / max(right - left, 1), 0.8 * height / max(bottom - top, 1))
-    font = _font(font_name, max(6, int(probe_size * fit * scale)))
-    canvas = Image.fromarray(background(kind, bg, height, width, rng).astype(np.uint8))
+    font = _font(style.font, max(6, int(probe_size * fit * style.scale)))
+    canvas = Image.fromarray(background(style.background, style.bg, height, width, rng).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
     left, top, right, bottom = draw.multiline_textbbox((0, 0), lines, font=font, align="center")
     slack_x, slack_y = max(width - (right - left), 0), max(height - (bottom - top), 0)
     x = int(rng.uniform(0.25, 0.75) * slack_x) - left
     y = int(rng.uniform(0.25, 0.75) * slack_y) - top
-    draw.multiline_text((x, y), lines, fill=fg, font=font, align="center")
+    draw.multiline_text((x, y), lines, fill=style.fg, font=font, align="center")
     return np.asarray(canvas)
+
+
+def styled_caption(text: str, seed: int, fonts: tuple[str, ...], backgrounds: tuple[str, ...],
+                   min_scale: float) -> str:
+    """The caption of `render_styled_text(text, ..., seed, ..., named_colours=True)`: the text and the
+    style it is drawn in, e.g. `a sign that says "BALO" in white DejaVuSerif-Bold letters on a noisy
+    navy background`."""
+    style = text_style(random.Random(seed), fonts, backgrounds, min_scale, named=True)
+    return f"{image_caption(text)} in {style.describe()}"
 
 
 def text_image_records(n: int, height: int, width: int, seed: int = 0) -> list[dict]:
@@ -282,12 +354,34 @@ def synthetic_specs(spec) -> list[dict]:
     return items
 
 
+def _styled(spec: dict) -> bool:
+    return bool(spec.get("vocabulary")) and spec.get("captions", "plain") == "styled"
+
+
 def _render_image(spec: dict, text: str, seed: int) -> np.ndarray:
     h, w = spec["height"], spec["width"]
     if not spec.get("vocabulary"):
         return render_text_image(text, h, w, seed)
     fonts = resolve_fonts(spec.get("fonts", DEFAULT_FONT))
-    return render_styled_text(text, h, w, seed, fonts, tuple(spec["backgrounds"]), spec["min_text_scale"])
+    return render_styled_text(text, h, w, seed, fonts, tuple(spec["backgrounds"]), spec["min_text_scale"],
+                              named_colours=_styled(spec))
+
+
+def t2i_caption(spec: dict, text: str, seed: int) -> str:
+    """The caption of the t2i image of `text` rendered with `seed` under `spec` (a SyntheticSpec as a
+    dict): `styled_caption` with `captions: styled`, else `image_caption`. Prompts written with it
+    (an evaluation's, GRPO's) ask for what the corpus shows."""
+    if not _styled(spec):
+        return image_caption(text)
+    return styled_caption(text, seed, resolve_fonts(spec.get("fonts", DEFAULT_FONT)), tuple(spec["backgrounds"]),
+                          spec["min_text_scale"])
+
+
+def t2i_prompts(spec) -> list[tuple[str, str]]:
+    """(text, caption) of every t2i item a `SyntheticSpec` describes, in item order."""
+    as_dict = dataclasses.asdict(spec)
+    return [(item["word"], t2i_caption(as_dict, item["word"], item["seed"]))
+            for item in synthetic_specs(spec) if item["kind"] == "image"]
 
 
 def render_item(spec: dict, item: dict):
@@ -311,5 +405,5 @@ def render_item(spec: dict, item: dict):
         text.update(question=question.encode(), answer=word.encode())
     else:
         media = {"target": (encode_image(_render_image(spec, word, seed)), "image")}
-        text["caption"] = image_caption(word).encode()
+        text["caption"] = t2i_caption(spec, word, seed).encode()
     return Fetched(media, text)

@@ -225,15 +225,33 @@ def heldout_words(curate: CurationConfig) -> list[str]:
     return words
 
 
+PROMPT_SEED_KIND = 5  # seeds of GRPO's training prompts: beyond the corpus's kinds (0-3), so none repeats an item
+
+
+def heldout_prompts(cfg: RecipeConfigs) -> list[tuple[str, str]]:
+    """(word, caption) of every held-out word, in word order: the captions of the held-out corpus's t2i
+    rows (with `captions: styled` each names the style that row is drawn in)."""
+    from data_curation.synthetic import t2i_prompts
+
+    out: list[tuple[str, str]] = []
+    for source in cfg.heldout.sources:
+        out += [(w, c) for w, c in t2i_prompts(source.synthetic) if w not in {x for x, _ in out}]
+    return out
+
+
 def write_prompts(cfg: RecipeConfigs) -> None:
-    """GRPO's prompt files: the training words and the held-out words, captioned as the corpus is."""
-    from data_curation.synthetic import image_caption, split_words
+    """GRPO's prompt files: every training word and every held-out word once, captioned as the corpus
+    is (a styled caption draws the word's style from a seed of its own)."""
+    from data_curation.synthetic import split_words, t2i_caption
 
     train: list[str] = []
     for source in cfg.curate.sources:
-        train += list(split_words(source.synthetic))
-    write_atomic(Path(cfg.rl.prompts.file), "".join(image_caption(w) + "\n" for w in train))
-    write_atomic(Path(cfg.rl.prompts.eval_file), "".join(image_caption(w) + "\n" for w in heldout_words(cfg.curate)))
+        spec = source.synthetic
+        as_dict = dataclasses.asdict(spec)
+        train += [t2i_caption(as_dict, w, spec.seed * 100003 + PROMPT_SEED_KIND * 1009 + i)
+                  for i, w in enumerate(split_words(spec))]
+    write_atomic(Path(cfg.rl.prompts.file), "".join(p + "\n" for p in train))
+    write_atomic(Path(cfg.rl.prompts.eval_file), "".join(c + "\n" for _, c in heldout_prompts(cfg)))
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -253,20 +271,18 @@ def evaluate_checkpoint(checkpoint: Path, cfg: RecipeConfigs, pool) -> tuple[dic
     import numpy as np
     import torch
 
-    from data_curation.synthetic import image_caption
     from lance_model.generation import LanceGenerator, Request, SamplerOptions, TextOptions, generate_text
     from lance_platform.schema import row_to_sample
     from rl.trainer import resolve_device
 
     e = cfg.recipe.evaluation
-    words = heldout_words(cfg.curate)[:e.words]
+    words, prompts = map(list, zip(*heldout_prompts(cfg)[:e.words]))
     spec = cfg.curate.sources[0].synthetic
     height, width = cfg.rl.rollout.height, cfg.rl.rollout.width
     device = resolve_device(e.device)
     # bf16 on a GPU, as `lance-pipeline generate` runs by default
     generator = LanceGenerator.from_pretrained(checkpoint, device=device,
                                                dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    prompts = [image_caption(w) for w in words]
     sampler = SamplerOptions(num_steps=e.steps, text_scale=e.cfg_scale, noise_level=None)
     outputs = generator.generate([Request("t2i", p, height, width, seed=i) for i, p in enumerate(prompts)],
                                  sampler, batch_size=e.batch_size)

@@ -1,0 +1,76 @@
+"""Styled captions (`SyntheticSpec.captions: styled`): a t2i caption names the colours, face and
+background its image is drawn in, and the image shows exactly those; plain captions are unchanged."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_curation import synthetic
+from data_curation.config import SourceConfig, SyntheticSpec
+from lance_platform.config import ConfigError
+
+SPEC = SyntheticSpec(images=24, videos=0, edits=0, qa=4, height=64, width=64, vocabulary=300, heldout=20,
+                     fonts="system", backgrounds=("plain", "gradient", "noise"), min_text_scale=0.8,
+                     captions="styled")
+CAPTION = re.compile(r'^a sign that says "([A-Z ]+)" in (\w+) (\S+) letters on an? '
+                     r'(?:plain (\w+) background|(\w+) gradient background|noisy (\w+) background)$')
+
+
+def decode(fetched) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(fetched.media["target"][0])).convert("RGB"))
+
+
+def test_styled_caption_names_what_the_image_shows():
+    spec = dataclasses.asdict(SPEC)
+    faces = {synthetic.face_name(f) for f in synthetic.resolve_fonts(SPEC.fonts)}
+    seen_fg, seen_bg, kinds = set(), set(), set()
+    for item in [i for i in synthetic.synthetic_specs(SPEC) if i["task"] == "t2i"]:
+        fetched = synthetic.render_item(spec, item)
+        caption = fetched.text["caption"].decode()
+        m = CAPTION.match(caption)
+        assert m, caption
+        word, fg, face, plain_bg, gradient_bg, noisy_bg = m.groups()
+        assert word == item["word"] and face in faces
+        bg = plain_bg or gradient_bg or noisy_bg
+        kinds.add("plain" if plain_bg else "gradient" if gradient_bg else "noise")
+        im = decode(fetched).reshape(-1, 3).astype(int)
+        fg_rgb, bg_rgb = np.asarray(synthetic.NAMED_COLOURS[fg]), np.asarray(synthetic.NAMED_COLOURS[bg])
+        # the glyphs are drawn in the named text colour (thin faces at 64 px are mostly anti-aliased edges)
+        off = np.abs(im - fg_rgb).max(axis=1)
+        assert (off == 0).sum() >= 1 and (off < 30).sum() >= 20, caption
+        if plain_bg:  # every pixel away from the text is the named background colour
+            assert np.abs(im - bg_rgb).max(axis=1).tolist().count(0) > im.shape[0] // 3, caption
+        else:  # gradient (+-40) / noise (sigma 12) around the named colour
+            assert np.abs(np.median(im, axis=0) - bg_rgb).max() <= 45, caption
+        seen_fg.add(fg)
+        seen_bg.add(bg)
+    assert len(seen_fg) >= 5 and len(seen_bg) >= 5 and kinds == {"plain", "gradient", "noise"}
+
+
+def test_t2i_prompts_are_the_curated_captions_and_plain_captions_are_unchanged():
+    spec = dataclasses.asdict(SPEC)
+    items = [i for i in synthetic.synthetic_specs(SPEC) if i["task"] == "t2i"]
+    prompts = synthetic.t2i_prompts(SPEC)
+    assert prompts == [(i["word"], synthetic.render_item(spec, i).text["caption"].decode()) for i in items]
+    assert len(set(c for _, c in prompts)) == len(prompts)
+
+    plain = dataclasses.replace(SPEC, captions="plain")
+    plain_dict = dataclasses.asdict(plain)
+    assert synthetic.t2i_prompts(plain) == [(i["word"], synthetic.image_caption(i["word"])) for i in items]
+    # plain captions keep the random-RGB renders they always had
+    item = items[0]
+    want = synthetic.render_styled_text(item["word"], 64, 64, item["seed"], synthetic.resolve_fonts("system"),
+                                        plain.backgrounds, plain.min_text_scale)
+    assert np.array_equal(decode(synthetic.render_item(plain_dict, item)), want)
+
+
+def test_styled_captions_need_a_generated_vocabulary():
+    with pytest.raises(ConfigError, match=r"sources\.0\.synthetic\.captions"):
+        SourceConfig(synthetic=SyntheticSpec(captions="styled")).validate("sources.0")
+    with pytest.raises(ValueError, match="named colours"):
+        synthetic.text_style(__import__("random").Random(0), ("default",), ("plain",), 1.0).describe()
