@@ -123,6 +123,17 @@ class ValidationConfig:
 
 
 @configclass
+class ProfileConfig:
+    """`torch.profiler` over a few steps of one rank (pipelines.profiling): op tables and a trace under
+    <stage dir>/profile, and how busy the GPU was."""
+
+    steps: NonNegativeInt = 0       # steps profiled (0: off)
+    start_step: NonNegativeInt = 10  # the first profiled step (after warm-up: allocator, autotuning)
+    rank: NonNegativeInt = 0
+    trace: bool = True              # also a Chrome trace (trace.json, for chrome://tracing or Perfetto)
+
+
+@configclass
 class ScalingConfig:
     num_workers: PositiveInt = 1
     use_gpu: bool = False
@@ -148,6 +159,7 @@ class StageConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     log_every: PositiveInt = 1
     lora: LoraConfig | None = None  # `lora.enabled=true`: train LoRA adapters on a frozen base (pipelines.adapters)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     @property
     def lora_enabled(self) -> bool:
@@ -165,6 +177,11 @@ class StageConfig:
         self.mixture.validate()
         if self.lora is not None:
             self.lora.validate("lora")
+        p = self.profile
+        require(p.steps == 0 or p.start_step + p.steps <= self.steps, "profile.start_step", p.start_step,
+                f"a start step whose {p.steps} profiled steps end by the stage's last step ({self.steps})")
+        require(p.rank < self.scaling.num_workers, "profile.rank", p.rank,
+                f"a worker rank below scaling.num_workers ({self.scaling.num_workers})")
         o = self.optim
         require(o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"between 0 and optim.lr ({o.lr})")
         return self

@@ -73,6 +73,7 @@ from lance_platform.sharded_checkpoint import latest_valid as latest_valid_shard
 from . import adapters, parallel
 from .batching import GroupStreams, Packer, Prefetcher, ShardRows
 from .config import MODEL_SECTIONS, StageConfig
+from .profiling import StepProfiler
 
 log = logging.getLogger(__name__)
 PREFETCH_DEPTH = 2  # packs made ahead of the step
@@ -779,9 +780,11 @@ def train_loop(config: dict[str, Any]) -> None:
         return batch, stats, packer.state_dict(), packer.total.skipped_too_long
 
     ahead = Prefetcher(pack, range(start, stage.steps), depth=PREFETCH_DEPTH)
+    profiler = StepProfiler(stage.profile, rank, Path(config["storage_dir"]) if config.get("storage_dir") else None,
+                            use_gpu)
     try:
         _steps(stage, model, model_config, ahead, start, optimizer, scheduler, params, ema, packer, builder,
-               holdout_rows, device, rank, world, use_gpu, tracker, lora_record, writer)
+               holdout_rows, device, rank, world, use_gpu, tracker, lora_record, writer, profiler)
     finally:
         ahead.close()
         if writer is not None:
@@ -793,7 +796,8 @@ def train_loop(config: dict[str, Any]) -> None:
 def _steps(stage: StageConfig, model: Lance, model_config: LanceConfig, ahead: Prefetcher, start: int, optimizer,
            scheduler, params: list, ema: Ema | None, packer: Packer, builder: SequenceBuilder, holdout_rows: list[dict],
            device: torch.device, rank: int, world: int, use_gpu: bool, tracker,
-           lora_record: dict | None = None, writer: AsyncCheckpointWriter | None = None) -> None:
+           lora_record: dict | None = None, writer: AsyncCheckpointWriter | None = None,
+           profiler: StepProfiler | None = None) -> None:
     import ray.train
     from ray.train import Checkpoint
 
@@ -801,6 +805,8 @@ def _steps(stage: StageConfig, model: Lance, model_config: LanceConfig, ahead: P
     last_metrics: dict[str, float] = {}
     progress_every = max(1, stage.steps // 10)
     for step in range(start, stage.steps):
+        if profiler is not None:
+            profiler.before(step)
         t0 = time.perf_counter()
         batch, stats, data_state, skipped_total = ahead.get(step)
         wait = time.perf_counter() - t0
@@ -825,6 +831,8 @@ def _steps(stage: StageConfig, model: Lance, model_config: LanceConfig, ahead: P
                 ema.update(model)
         scheduler.step()
         dt = time.perf_counter() - t0
+        if profiler is not None:
+            profiler.after(step)
         loss_sum, ce_sum, mse_sum = parallel.all_reduce_sum(
             [float(out.loss.detach()), float(out.ce), float(out.mse)], device)
         pairs = parallel.all_reduce_sum([stats.attention_pairs], device)[0]

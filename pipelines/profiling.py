@@ -1,0 +1,95 @@
+"""Profiling a few training steps (`StageConfig.profile`): `torch.profiler` on one rank over
+`profile.steps` steps from `profile.start_step`, written to <stage dir>/profile/:
+
+    ops_by_device_time.txt   operators by self GPU time (CUDA) -- what the GPU spends its time on
+    ops_by_cpu_time.txt      operators by self CPU time -- what the host spends launching them
+    summary.json             wall time per step, GPU busy time per step and their ratio (`gpu_busy`:
+                             well below 1 means the step waits on the host: launches, syncs, Python)
+    trace.json               with `profile.trace`: a Chrome / Perfetto trace of those steps
+
+A step that is not profiled costs nothing; a profiled one runs somewhat slower (the profiler's own
+bookkeeping), so its wall time is an upper bound.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .config import ProfileConfig
+
+log = logging.getLogger(__name__)
+
+
+class StepProfiler:
+    """`before(step)` / `after(step)` around every step; active only on `profile.rank` for the
+    configured steps, and only when there is a directory to write to."""
+
+    def __init__(self, cfg: ProfileConfig, rank: int, directory: Path | None, use_gpu: bool) -> None:
+        self.cfg = cfg
+        self.directory = directory
+        self.use_gpu = use_gpu
+        self.enabled = cfg.steps > 0 and rank == cfg.rank and directory is not None
+        if cfg.steps > 0 and rank == cfg.rank and directory is None:
+            log.warning("profile.steps=%d: the stage has no storage directory to write the profile to; not profiled",
+                        cfg.steps)
+        self._prof = None
+        self._start = 0.0
+
+    @property
+    def last_step(self) -> int:
+        return self.cfg.start_step + self.cfg.steps - 1
+
+    def before(self, step: int) -> None:
+        if not self.enabled or step != self.cfg.start_step:
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.use_gpu else [])
+        if self.use_gpu:
+            torch.cuda.synchronize()
+        self._prof = profile(activities=activities)
+        self._prof.__enter__()
+        self._start = time.perf_counter()
+
+    def after(self, step: int) -> None:
+        if self._prof is None or step != self.last_step:
+            return
+        if self.use_gpu:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self._start
+        self._prof.__exit__(None, None, None)
+        prof, self._prof = self._prof, None
+        self.write(prof, wall)
+
+    def write(self, prof, wall: float) -> dict:
+        out = self.directory / "profile"
+        out.mkdir(parents=True, exist_ok=True)
+        averages = prof.key_averages()
+        device_us = sum(e.self_device_time_total for e in averages)  # kernels (and copies) only
+        steps = self.cfg.steps
+        summary = {"steps": [self.cfg.start_step, self.last_step], "rank": self.cfg.rank,
+                   "wall_ms_per_step": wall * 1e3 / steps,
+                   "device_busy_ms_per_step": device_us / 1e3 / steps if self.use_gpu else None,
+                   "gpu_busy": device_us / 1e6 / wall if self.use_gpu and wall > 0 else None,
+                   "ops_per_step": sum(e.count for e in averages if e.key.startswith("aten::")) / steps}
+        _write(out / "ops_by_cpu_time.txt", averages.table(sort_by="self_cpu_time_total", row_limit=60))
+        if self.use_gpu:
+            _write(out / "ops_by_device_time.txt", averages.table(sort_by="self_device_time_total", row_limit=60))
+        _write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if self.cfg.trace:
+            prof.export_chrome_trace(str(out / "trace.json"))
+        log.info("profiled steps %d-%d: %.0f ms/step wall, %s; written to %s", self.cfg.start_step, self.last_step,
+                 summary["wall_ms_per_step"],
+                 f"GPU busy {summary['gpu_busy']:.0%}" if summary["gpu_busy"] is not None else "CPU only", out)
+        return summary
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
