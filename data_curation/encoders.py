@@ -22,7 +22,6 @@ from data_curation.config import BucketConfig, ModelRef
 from lance_model.config import LanceConfig
 from lance_platform.config import ConfigError
 from lance_model.encoders.vae import LatentAutoencoder, build_vae
-from lance_model.encoders.vit import build_vit
 
 VIT_PREFIX = "vit_model."
 
@@ -49,6 +48,8 @@ def build_vit_encoder(ref: ModelRef, cfg: LanceConfig) -> nn.Module:
     """The frozen ViT of the referenced model (eval mode, no grad)."""
     if cfg.vit is None:
         raise ConfigError(f"model {ref.checkpoint or ref.preset!r} has no ViT; set encode.vit=false")
+    from lance_model.encoders.vit import build_vit  # transformers: only where the ViT is built
+
     vit_cfg = dataclasses.replace(cfg.vit, trainable=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(ref.seed)
