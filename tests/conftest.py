@@ -2,9 +2,15 @@
 samples (everything offline, CPU)."""
 from __future__ import annotations
 
+import atexit
+import importlib.abc
+import importlib.util
 import os
 import random
+import shutil
+import sqlite3
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +25,83 @@ TESTS = Path(__file__).resolve().parent
 # instead of a start (~6 s) and a shutdown per module. pipelines and rl run one after the other
 # and start no Ray of their own (no `ray start`, no CLI subprocess), so they form one group.
 RAY_GROUPS = {"data_curation": "data_curation", "pipelines": "train", "rl": "train"}
+
+
+# ------------------------------------------------------------------------------ MLflow stores
+# Every test that tracks writes to a new `sqlite:///<workdir>/mlflow.db`, and MLflow builds each
+# new store by running its whole Alembic migration chain: 3-4.5 s of CPU a store, dozens of stores
+# a run. In this test process a new, empty sqlite store instead receives a copy (sqlite's backup
+# API) of one store that MLflow migrated the ordinary way once per session: the same tables, the
+# same schema version. A store that already has tables, a non-sqlite one, and every store made in
+# another process (CLI subprocesses, Ray workers) are initialised by MLflow itself as before.
+_MLFLOW_DB_UTILS = "mlflow.store.db.utils"
+_schema_template: list[Path] = []
+
+
+def _template_store(initialize) -> Path:
+    if not _schema_template:
+        import sqlalchemy
+
+        folder = Path(tempfile.mkdtemp(prefix="mlflow-schema-"))
+        atexit.register(shutil.rmtree, folder, True)
+        path = folder / "template.db"
+        engine = sqlalchemy.create_engine(f"sqlite:///{path}")
+        try:
+            initialize(engine)
+        finally:
+            engine.dispose()
+        _schema_template.append(path)
+    return _schema_template[0]
+
+
+def _copy_schema_into_new_sqlite_stores(db_utils) -> None:
+    original = getattr(db_utils, "_initialize_tables", None)
+    if original is None:  # another MLflow layout: leave it alone
+        return
+
+    def initialize_tables(engine) -> None:
+        import sqlalchemy
+
+        database = engine.url.database
+        if (engine.dialect.name != "sqlite" or not database or database == ":memory:"
+                or sqlalchemy.inspect(engine).get_table_names()):
+            return original(engine)
+        source = sqlite3.connect(_template_store(original))
+        target = engine.raw_connection()
+        try:
+            source.backup(target.driver_connection)
+        finally:
+            target.close()
+            source.close()
+
+    db_utils._initialize_tables = initialize_tables
+
+
+class _PatchMlflowStoreInit(importlib.abc.MetaPathFinder):
+    """Installs the template copy when MLflow's db utils are first imported (MLflow itself takes
+    ~3 s to import, which a session that never tracks should not pay here)."""
+
+    def find_spec(self, name, path, target=None):
+        if name != _MLFLOW_DB_UTILS:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_patch(module) -> None:
+            exec_module(module)
+            _copy_schema_into_new_sqlite_stores(module)
+
+        spec.loader.exec_module = exec_and_patch
+        return spec
+
+
+if _MLFLOW_DB_UTILS in sys.modules:
+    _copy_schema_into_new_sqlite_stores(sys.modules[_MLFLOW_DB_UTILS])
+else:
+    sys.meta_path.insert(0, _PatchMlflowStoreInit())
 
 
 def _ray_group(item: pytest.Item | None) -> str | None:
