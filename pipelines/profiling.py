@@ -70,7 +70,7 @@ class StepProfiler:
         out = self.directory / "profile"
         out.mkdir(parents=True, exist_ok=True)
         averages = prof.key_averages()
-        device_us = sum(e.self_device_time_total for e in averages)  # kernels (and copies) only
+        device_us = device_time_us(averages)
         steps = self.cfg.steps
         summary = {"steps": [self.cfg.start_step, self.last_step], "rank": self.cfg.rank,
                    "wall_ms_per_step": wall * 1e3 / steps,
@@ -87,6 +87,15 @@ class StepProfiler:
                  summary["wall_ms_per_step"],
                  f"GPU busy {summary['gpu_busy']:.0%}" if summary["gpu_busy"] is not None else "CPU only", out)
         return summary
+
+
+def device_time_us(events) -> float:
+    """GPU time of kernels and copies: the device-side events, not the CPU ops that launched them (whose
+    device time is their kernels' again) nor user annotations (FSDP's, the optimizer's), which span them."""
+    from torch.autograd import DeviceType
+
+    return float(sum(e.self_device_time_total for e in events
+                     if e.device_type == DeviceType.CUDA and not e.is_user_annotation))
 
 
 def _write(path: Path, text: str) -> None:

@@ -46,3 +46,20 @@ def test_profile_range_beyond_the_stage_is_a_config_error():
         load_stage_config(None, ["profile.steps=1", "profile.start_step=0", "profile.rank=2"], require_shards=False)
     assert load_stage_config(None, ["steps=10", "profile.steps=3", "profile.start_step=7"],
                              require_shards=False).profile.steps == 3
+
+
+def test_gpu_time_counts_kernels_once_not_the_ops_or_annotations_around_them():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from pipelines.profiling import device_time_us
+
+    def event(device, us, annotation=False):
+        return SimpleNamespace(device_type=device, self_device_time_total=us, is_user_annotation=annotation)
+
+    events = [event(DeviceType.CPU, 120.0),              # aten::mm: its kernel's time again
+              event(DeviceType.CUDA, 100.0),             # the kernel
+              event(DeviceType.CUDA, 20.0),              # a memcpy
+              event(DeviceType.CUDA, 500.0, annotation=True)]  # FSDP::pre_forward around both
+    assert device_time_us(events) == 120.0
