@@ -38,6 +38,18 @@ class PackedBatch:
     sample_lens: list[int]
     tasks: list[str]
 
+    def pin_memory(self) -> PackedBatch:
+        """A copy with every tensor in page-locked host memory (DataLoader's `pin_memory` calls this)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, MaskLayout):
+                v = MaskLayout(*(t.pin_memory() for t in (v.sample, v.split, v.order, v.bidirectional, v.noise)))
+            elif isinstance(v, torch.Tensor):
+                v = v.pin_memory()
+            out[f.name] = v
+        return PackedBatch(**out)
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PackedBatch:
         out = {}
         for f in fields(self):

@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
+import torch.utils.data
+
 from lance_model.attention import visible_pairs
 from lance_model.config import LanceConfig
 from lance_model.packing import PackedBatch, pack_rendered
@@ -447,3 +449,63 @@ class Prefetcher(Generic[T]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _StepItems(torch.utils.data.IterableDataset):
+    """The iterable a DataLoader worker runs: `(step, produce(step))` for every step, in order. Under
+    the `fork` start method the worker inherits `produce` (and the packer it closes over, as the
+    training process left it after restoring a checkpoint); nothing is pickled."""
+
+    def __init__(self, produce: Callable[[int], Any], steps: range) -> None:
+        self.produce, self.steps = produce, steps
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        for step in self.steps:
+            yield step, self.produce(step)
+
+
+class ProcessPrefetcher(Generic[T]):
+    """`Prefetcher` with `produce` in a separate process (one `torch.utils.data.DataLoader` worker,
+    forked from this one), so that packing's Python never competes with the training thread for
+    the interpreter; with `pin_memory` the results' tensors arrive in page-locked memory (faster,
+    asynchronous host-to-device copies). `produce` must not touch CUDA (the worker is forked) and its
+    results must be picklable; state it changes lives in the worker, so `produce` returns what the
+    caller needs (e.g. the packer's state after the step). Same `get` / `close` as `Prefetcher`; an
+    exception in `produce` is raised by the `get` of that step."""
+
+    def __init__(self, produce: Callable[[int], T], steps: range, depth: int = 2, pin_memory: bool = False) -> None:
+        if depth < 1:
+            raise ValueError(f"prefetch depth must be at least 1, got {depth}")
+        self._expected: Iterator[int] = iter(steps)
+        loader = torch.utils.data.DataLoader(
+            _StepItems(produce, steps), batch_size=None, num_workers=1 if len(steps) else 0,
+            prefetch_factor=depth if len(steps) else None, pin_memory=pin_memory,
+            multiprocessing_context="fork" if len(steps) else None)
+        self._it = iter(loader)
+
+    def get(self, step: int) -> T:
+        want = next(self._expected, None)
+        if want != step:
+            raise ValueError(f"prefetcher: asked for step {step}, the next one is {want}")
+        try:
+            got, item = next(self._it)
+        except StopIteration:
+            raise RuntimeError(f"prefetcher: the packing process ended before step {step}") from None
+        except BaseException:
+            self.close()
+            raise
+        if got != step:
+            raise RuntimeError(f"prefetcher: produced step {got} where {step} was expected")
+        return item
+
+    def close(self) -> None:
+        shutdown = getattr(self._it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+    def __enter__(self) -> ProcessPrefetcher[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+

@@ -112,6 +112,10 @@ class DataConfig:
     max_tokens: PositiveInt = 4096  # tokens per pack
     max_sample_tokens: PositiveInt | None = None  # larger samples are skipped and counted (default: max_tokens)
     holdout_per_group: NonNegativeInt = 0  # rows per task group reserved for validation (taken first, never trained on)
+    # pack the next steps in a separate process (a forked DataLoader worker; GPU workers get the packs
+    # in page-locked memory) instead of a thread of the training worker: packing's Python then never
+    # holds the interpreter the training thread launches its kernels from
+    pack_process: bool = False
 
 
 @configclass

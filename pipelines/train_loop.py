@@ -19,8 +19,9 @@ Rank 0 alone writes to MLflow, reopening the stage's run by id after a restart.
 
 The model is built on the meta device and wrapped there; every rank then fills only its own FSDP2
 shards, tensor by tensor (`build_model`, `fill_model`); restoring reads the model and EMA the same
-way. Each worker reads only its dealt rows of the shards and packs ahead of the step in a thread
-(`pipelines.batching`); a checkpoint written by another number of workers re-splits the data.
+way. Each worker reads only its dealt rows of the shards and packs ahead of the step in a thread, or
+in a forked process with `data.pack_process` (`pipelines.batching`); a checkpoint written by another
+number of workers re-splits the data.
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ from lance_platform.sharded_checkpoint import (
 from lance_platform.sharded_checkpoint import latest_valid as latest_valid_sharded
 
 from . import adapters, parallel
-from .batching import GroupStreams, Packer, Prefetcher, ShardRows
+from .batching import GroupStreams, Packer, Prefetcher, ProcessPrefetcher, ShardRows
 from .config import MODEL_SECTIONS, StageConfig
 from .profiling import StepProfiler
 
@@ -775,11 +776,13 @@ def train_loop(config: dict[str, Any]) -> None:
 
     model.train()
 
-    def pack(step: int):  # in the background thread, while earlier steps run
+    def pack(step: int):  # in the background thread (or process), while earlier steps run
         batch, stats = packer.next_pack(step)
-        return batch, stats, packer.state_dict(), packer.total.skipped_too_long
+        return batch, stats, packer.state_dict(), packer.total.skipped_too_long, packer.streams.source.rows_read
 
-    ahead = Prefetcher(pack, range(start, stage.steps), depth=PREFETCH_DEPTH)
+    steps = range(start, stage.steps)
+    ahead = (ProcessPrefetcher(pack, steps, depth=PREFETCH_DEPTH, pin_memory=use_gpu) if stage.data.pack_process
+             else Prefetcher(pack, steps, depth=PREFETCH_DEPTH))
     profiler = StepProfiler(stage.profile, rank, Path(config["storage_dir"]) if config.get("storage_dir") else None,
                             use_gpu)
     try:
@@ -793,7 +796,8 @@ def train_loop(config: dict[str, Any]) -> None:
         tracker.set_tags({"final_step": str(stage.steps - 1)})
 
 
-def _steps(stage: StageConfig, model: Lance, model_config: LanceConfig, ahead: Prefetcher, start: int, optimizer,
+def _steps(stage: StageConfig, model: Lance, model_config: LanceConfig, ahead: Prefetcher | ProcessPrefetcher,
+           start: int, optimizer,
            scheduler, params: list, ema: Ema | None, packer: Packer, builder: SequenceBuilder, holdout_rows: list[dict],
            device: torch.device, rank: int, world: int, use_gpu: bool, tracker,
            lora_record: dict | None = None, writer: AsyncCheckpointWriter | None = None,
@@ -808,7 +812,7 @@ def _steps(stage: StageConfig, model: Lance, model_config: LanceConfig, ahead: P
         if profiler is not None:
             profiler.before(step)
         t0 = time.perf_counter()
-        batch, stats, data_state, skipped_total = ahead.get(step)
+        batch, stats, data_state, skipped_total, rows_read = ahead.get(step)
         wait = time.perf_counter() - t0
         batch = batch.to(device)
         ce_n, mse_n, tokens = parallel.all_reduce_sum(
@@ -839,7 +843,7 @@ def _steps(stage: StageConfig, model: Lance, model_config: LanceConfig, ahead: P
         last_metrics = {"loss": loss_sum, "ce": ce_sum, "mse": mse_sum, "lr": scheduler.get_last_lr()[0],
                         "grad_norm": grad_norm, "tokens_per_s": tokens / dt, "step_time_s": dt,
                         "samples": stats.samples, "skipped_too_long": skipped_total, "data_wait_s": wait,
-                        "rows_read": packer.streams.source.rows_read,
+                        "rows_read": rows_read,
                         "skipped_step": float(skipped)}
         if use_gpu and stage.scaling.peak_tflops > 0:
             last_metrics["mfu"] = step_flops(model_config, int(tokens), int(pairs)) / dt / (
