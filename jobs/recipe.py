@@ -233,10 +233,11 @@ def heldout_prompts(cfg: RecipeConfigs) -> list[tuple[str, str]]:
     rows (with `captions: styled` each names the style that row is drawn in)."""
     from data_curation.synthetic import t2i_prompts
 
-    out: list[tuple[str, str]] = []
+    out: dict[str, str] = {}
     for source in cfg.heldout.sources:
-        out += [(w, c) for w, c in t2i_prompts(source.synthetic) if w not in {x for x, _ in out}]
-    return out
+        for word, caption in t2i_prompts(source.synthetic):
+            out.setdefault(word, caption)
+    return list(out.items())
 
 
 def write_prompts(cfg: RecipeConfigs) -> None:
