@@ -21,9 +21,12 @@ from lance_platform.config import ConfigError
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "configs" / "recipes" / "text_rendering" / "recipe.yaml"
 # Everything shrunk: 24 + 12 rows of 32 x 32 from 40 words (4 held out), the tiny preset, 2 steps.
+# The evaluation reads the first 2 of the 4 held-out words at one extra CFG scale: OCR of the noise
+# a 2-step tiny model draws is ~0.7 s an image on one CPU, and each evaluated word and scale is one
+# more image per evaluation (3 evaluations).
 TINY = [
-    "evaluation.words=4", "evaluation.steps=2", "evaluation.batch_size=4", "evaluation.grid=4",
-    "evaluation.device=cpu", "tracking=false",
+    "evaluation.words=2", "evaluation.extra_cfg_scales=[2.0]", "evaluation.steps=2", "evaluation.batch_size=4",
+    "evaluation.grid=4", "evaluation.device=cpu", "tracking=false",
     "curate.synthetic.images=24", "curate.synthetic.qa=12", "curate.synthetic.vocabulary=40",
     "curate.synthetic.heldout=4", "curate.synthetic.height=32", "curate.synthetic.width=32",
     "curate.model.preset=tiny", "curate.buckets.vae_image_area=1024", "curate.buckets.vit_image_area=3136",
@@ -40,6 +43,8 @@ TINY = [
     # 1.5 of a 2-CPU machine's CPUs: the evaluation's reward actor and the next stage's worker (1 CPU)
     # do not fit side by side, so the recipe must free the evaluation's actors before a stage starts
     "rl.reward.num_cpus=1.5",
+    # two onnxruntime threads per OCR engine: while an engine scores, the driver waits for it
+    "rl.reward.ocr.threads=2",
 ]
 
 
@@ -104,16 +109,24 @@ def test_recipe_runs_every_stage_and_resumes(tmp_path):
     recipe(tmp_path)  # the rest; curate and pt are skipped
     first = time.time() - start
 
+    from lance_platform.schema import read_shard
+    from pipelines.trainer import shard_files
+    from rl.rewards import target_text
+
     held = json.loads((tmp_path / "curated" / "heldout_words.json").read_text())
     assert len(held["words"]) == 4
+    # GRPO's held-out prompts: each held-out word once, in order, captioned as the held-out corpus's
+    # own t2i rows are (whatever wording the corpus's captions have)
+    heldout_rows = [r for f in shard_files(tmp_path / "heldout") for r in read_shard(f).to_pylist()]
     prompts = (tmp_path / "rl" / "heldout_prompts.txt").read_text().splitlines()
-    assert prompts == [f'a sign that says "{w}"' for w in held["words"]]
-    train_words = {line.split('"')[1] for line in (tmp_path / "rl" / "train_prompts.txt").read_text().splitlines()}
+    assert [target_text(p) for p in prompts] == held["words"]
+    assert sorted(prompts) == sorted(r["caption"] for r in heldout_rows if r["task"] == "t2i")
+    train_words = {target_text(line) for line in (tmp_path / "rl" / "train_prompts.txt").read_text().splitlines()}
     assert len(train_words) == 36 and not train_words & set(held["words"])
 
     results = json.loads((tmp_path / "recipe_results.json").read_text())
     assert [r["stage"] for r in results["stages"]] == list(STAGES)
-    assert results["evaluated_words"] == 4
+    assert (results["heldout_words"], results["evaluated_words"]) == (4, 2)  # the first evaluation.words
     for row in results["stages"]:
         assert row["finished"] and row["seconds"] > 0
         if row["stage"] == "curate":
@@ -122,25 +135,24 @@ def test_recipe_runs_every_stage_and_resumes(tmp_path):
             assert 0.0 <= row[key] <= 1.0, (row["stage"], key, row[key])
         assert row["i2t_char_accuracy"] >= row["i2t_exact_match"]
         ev = json.loads((tmp_path / "eval" / f"{row['stage']}.json").read_text())
-        assert (ev["t2i_samples"], ev["i2t_samples"], ev["image_size"]) == (4, 4, [32, 32])
+        assert (ev["t2i_samples"], ev["i2t_samples"], ev["image_size"]) == (2, 2, [32, 32])
+        assert [x["word"] for x in ev["examples"] if "ocr_text" in x] == held["words"][:2]
         assert ev["sampler"] == {"steps": 2, "cfg_scale": 4.5, "ode": True}
         by_cfg = ev["t2i_ocr_accuracy_by_cfg"]
-        assert sorted(by_cfg) == ["1.0", "2.0", "4.5"] and all(0.0 <= v <= 1.0 for v in by_cfg.values())
+        assert sorted(by_cfg) == ["2.0", "4.5"] and all(0.0 <= v <= 1.0 for v in by_cfg.values())
         assert by_cfg["4.5"] == row["t2i_ocr_accuracy"]
     # the recipe's ViT trains with the model on the stored pixels (the preset has no pretrained tower)
     from lance_model.config import LanceConfig
-    from lance_platform.schema import read_shard
-    from pipelines.trainer import shard_files
 
     assert LanceConfig.from_pretrained(tmp_path / "sft" / "final").vit.trainable
-    qa = [r for f in shard_files(tmp_path / "heldout") for r in read_shard(f).to_pylist() if r["task"] == "i2t"]
+    qa = [r for r in heldout_rows if r["task"] == "i2t"]
     assert qa and all(r["source_pixels"] for r in qa)
     rl = json.loads((tmp_path / "stages" / "rl.json").read_text())
     assert rl["iterations"] == 2 and rl["groups"] == 4
     table = (tmp_path / "recipe_results.md").read_text()
     assert all(f"| {s} |" in table for s in STAGES)
     grid = np.asarray(Image.open(tmp_path / "grpo_before_after.png"))
-    assert grid.shape == (64, 4 * 32, 3)
+    assert grid.shape == (64, 2 * 32, 3)  # sft over rl, one tile per evaluated word
     assert np.array_equal(grid[:32], np.asarray(Image.open(tmp_path / "samples_sft.png")))
 
     markers = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "stages").glob("*.json")}
