@@ -1,6 +1,9 @@
 """Staged training on Ray Train (CPU, tiny preset, 2 workers with FSDP2 over gloo)."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -100,33 +103,65 @@ def test_stage_resumes_after_a_worker_failure_to_the_same_weights(ray_local, tmp
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_pipeline_chains_pt_ct_sft(ray_local, tmp_path, shard_dir, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    stages = []
-    for name, init in (("pt", "preset"), ("ct", "previous"), ("sft", "previous")):
+def pipeline_file(tmp_path, shard_dir, stages: tuple[tuple[str, str], ...]):
+    """A pipeline config of (name, init.kind) stages of 2 steps each on one worker."""
+    paths = []
+    for name, init in stages:
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump({
             "name": name, "steps": 2, "init": {"kind": init}, "checkpoint_every": 0,
             "data": {"max_tokens": 900},
             "mixture": {"groups": {"gen": {"tasks": ["t2i"]}, "und": {"tasks": ["i2t"]}}},
             "scaling": {"num_workers": 1, "cpus_per_worker": 0.5}}))
-        stages.append(str(path))
+        paths.append(str(path))
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text(yaml.safe_dump({"name": "demo", "workdir": str(tmp_path / "work"), "shards": str(shard_dir),
-                                        "stages": stages}))
-    results = run_pipeline(pipeline)
-    assert [r.name for r in results] == ["pt", "ct", "sft"]
+                                        "stages": paths}))
+    return pipeline
+
+
+def test_pipeline_chains_pt_and_ct(ray_local, tmp_path, shard_dir, monkeypatch):
+    # Two stages on Ray Train: each further stage cost ~17 s of start-up; which checkpoint a third
+    # stage starts from is checked without Ray below, and the demo (tests/jobs/test_demo.py) runs
+    # pt -> ct -> sft on Ray Train.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    results = run_pipeline(pipeline_file(tmp_path, shard_dir, (("pt", "preset"), ("ct", "previous"))))
+    assert [r.name for r in results] == ["pt", "ct"]
     client = MlflowClient(default_tracking_uri(tmp_path / "work"))
     runs = client.search_runs([client.get_experiment_by_name("lance").experiment_id])
     parent = [r for r in runs if r.info.run_name == "demo"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
-    assert sorted(r.info.run_name for r in children) == ["ct", "pt", "sft"]
+    assert sorted(r.info.run_name for r in children) == ["ct", "pt"]
     # each stage started from the previous stage's weights: CT's first step begins from PT's final
     # weights, so the CT run's init path is PT's checkpoint and its weights moved away from it.
     pt, ct = (read_tensors(r.checkpoint / "model.safetensors") for r in results[:2])
     key = "language_model.model.layers.0.mlp.up_proj.weight"
     assert not torch.equal(pt[key], ct[key])
     assert (pt[key] - ct[key]).abs().max() < 0.1  # a few small steps from PT, not a fresh init
+
+
+def test_pipeline_starts_each_previous_stage_from_the_stage_just_before(tmp_path, shard_dir, monkeypatch):
+    """Without Ray (the stages themselves are recorded, not run): in pt -> ct -> sft, CT gets PT's
+    checkpoint and SFT gets CT's, not PT's; every stage is a child of the one parent run."""
+    from pipelines import trainer
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    calls = []
+
+    def record_stage(stage, workdir, parent_run_id=None, init_path=None, experiment="lance", address=None):
+        calls.append((stage.name, init_path, parent_run_id))
+        return trainer.StageResult(stage.name, stage.steps, 1.0, Path(workdir) / stage.name / "final", None, {})
+
+    monkeypatch.setattr(trainer, "run_stage", record_stage)
+    pipeline = pipeline_file(tmp_path, shard_dir, (("pt", "preset"), ("ct", "previous"), ("sft", "previous")))
+    results = run_pipeline(pipeline)
+    work = (tmp_path / "work").resolve()
+    parent = (work / "mlflow_parent_run_id").read_text().strip()
+    assert parent and calls == [("pt", None, parent), ("ct", str(work / "pt" / "final"), parent),
+                                ("sft", str(work / "ct" / "final"), parent)]
+    assert [r.name for r in results] == ["pt", "ct", "sft"]
+    summary = json.loads((work / "summary.json").read_text())
+    assert [(s["name"], s["checkpoint"]) for s in summary] == [(n, str(work / n / "final")) for n in ("pt", "ct", "sft")]
 
 
 def test_bad_config_fails_before_ray_naming_the_field(tmp_path, shard_dir):
