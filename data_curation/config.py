@@ -91,6 +91,9 @@ class SyntheticSpec:
     heldout: NonNegativeInt = 0
     split: Literal["train", "heldout"] = "train"
     phrase_fraction: Fraction = 0.0     # train items that are two-word phrases (two lines)
+    # train items that are 1-3 letters of the vocabulary's alphabet, drawn large: single glyphs teach
+    # a model from scratch which shape is which letter before whole words can be read or written
+    letters_fraction: Fraction = 0.0
     # generated vocabulary only: `default` = Pillow's font; `system` = the DejaVu TTFs on the machine
     # plus Pillow's default; or a list of faces: `default`, a face name under /usr/share/fonts
     # (`DejaVuSans-Bold`) or a .ttf/.otf path (each must exist)

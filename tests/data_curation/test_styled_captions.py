@@ -74,3 +74,17 @@ def test_styled_captions_need_a_generated_vocabulary():
         SourceConfig(synthetic=SyntheticSpec(captions="styled")).validate("sources.0")
     with pytest.raises(ValueError, match="named colours"):
         synthetic.text_style(__import__("random").Random(0), ("default",), ("plain",), 1.0).describe()
+
+
+def test_letters_fraction_adds_short_letter_strings_to_the_train_split_only():
+    spec = SyntheticSpec(images=400, videos=0, edits=0, qa=100, vocabulary=300, heldout=20, letters_fraction=0.3)
+    words = [i["word"] for i in synthetic.synthetic_specs(spec)]
+    short = [w for w in words if len(w) <= 3]
+    assert 100 < len(short) < 200  # 0.3 of 500 items
+    assert all(set(w) <= set(synthetic.ALPHABET) for w in short) and {len(w) for w in short} == {1, 2, 3}
+    _, held = synthetic.vocabulary_split(300, 20, 0)
+    assert not set(words) & set(held)
+    heldout = dataclasses.replace(spec, split="heldout", images=20, qa=20)
+    assert [i["word"] for i in synthetic.synthetic_specs(heldout) if i["task"] == "t2i"] == list(held)
+    # 0 (the default): words only
+    assert all(len(i["word"]) >= 4 for i in synthetic.synthetic_specs(dataclasses.replace(spec, letters_fraction=0.0)))
