@@ -104,7 +104,8 @@ def test_tiny_model_overfits_mixed_samples(builder, sample_factory):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     g = torch.Generator().manual_seed(0)
     history = []
-    for _ in range(300):
+    # 200 steps: CE is ~1200x and MSE ~7x below their first values by then (the bounds: 100x, 5x)
+    for _ in range(200):
         out = model(batch, generator=g)
         opt.zero_grad()
         out.loss.backward()
