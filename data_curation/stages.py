@@ -480,6 +480,9 @@ class TokenizeStage:
         self.record = tokenizer_record(self.tokenizer)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # an encoder that is off (encode.vae / encode.vit: false) leaves its input copies: not shard columns
+        for name in [k for k in batch if k.endswith(("_vae_in", "_vit_in"))]:
+            del batch[name]
         for name in TEXT_FIELDS:
             ids = _object_column(len(batch[name]))
             for i, text in enumerate(batch[name]):
