@@ -46,6 +46,7 @@ from data_curation.config import CurationConfig, SyntheticSpec
 from jobs.errors import UsageError
 from lance_model.configio import PositiveInt, configclass, from_dict
 from lance_platform.config import ConfigError, apply_overrides, load_config, to_dict
+from lance_platform.files import write_text_atomic
 from pipelines.config import StageConfig, load_stage_config
 from rl.config import RLConfig
 
@@ -192,15 +193,8 @@ def parse_stages(text: str | None) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------------------ files
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, value) -> None:
-    write_atomic(path, json.dumps(value, indent=2, default=str) + "\n")
+    write_text_atomic(path, json.dumps(value, indent=2, default=str) + "\n")
 
 
 def marker(workdir: Path, stage: str) -> Path:
@@ -251,8 +245,8 @@ def write_prompts(cfg: RecipeConfigs) -> None:
         as_dict = dataclasses.asdict(spec)
         train += [t2i_caption(as_dict, w, spec.seed * 100003 + PROMPT_SEED_KIND * 1009 + i)
                   for i, w in enumerate(split_words(spec))]
-    write_atomic(Path(cfg.rl.prompts.file), "".join(p + "\n" for p in train))
-    write_atomic(Path(cfg.rl.prompts.eval_file), "".join(c + "\n" for _, c in heldout_prompts(cfg)))
+    write_text_atomic(Path(cfg.rl.prompts.file), "".join(p + "\n" for p in train))
+    write_text_atomic(Path(cfg.rl.prompts.eval_file), "".join(c + "\n" for _, c in heldout_prompts(cfg)))
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -458,7 +452,7 @@ def run_recipe(config: str | Path, stages: tuple[str, ...] = STAGES, overrides: 
         run_id = tracker.start(cfg.recipe.name, run_id=id_file.read_text().strip() if id_file.is_file() else None,
                                tags={"pipeline": cfg.recipe.name})
         if run_id and not id_file.is_file():
-            write_atomic(id_file, run_id)
+            write_text_atomic(id_file, run_id)
             tracker.log_dict({"recipe": cfg.recipe, "curate": cfg.curate, "stages": cfg.stages, "rl": cfg.rl},
                              "config/recipe.yaml")
     parent_id = tracker.run_id if tracker else None
@@ -492,7 +486,7 @@ def run_recipe(config: str | Path, stages: tuple[str, ...] = STAGES, overrides: 
                 _evaluate_stage(cfg, stage, finished(workdir, stage)["output"], pool, tracker)
             data, table = results_table(cfg)
             write_json(workdir / f"{RESULTS}.json", data)
-            write_atomic(workdir / f"{RESULTS}.md", table)
+            write_text_atomic(workdir / f"{RESULTS}.md", table)
         if all((workdir / f"samples_{s}.png").is_file() for s in ("sft", "rl")):
             import numpy as np
             from PIL import Image

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import torch
+
+from lance_platform.files import write_text_atomic
 
 from .config import ProfileConfig
 
@@ -77,10 +78,10 @@ class StepProfiler:
                    "device_busy_ms_per_step": device_us / 1e3 / steps if self.use_gpu else None,
                    "gpu_busy": device_us / 1e6 / wall if self.use_gpu and wall > 0 else None,
                    "ops_per_step": sum(e.count for e in averages if e.key.startswith("aten::")) / steps}
-        _write(out / "ops_by_cpu_time.txt", averages.table(sort_by="self_cpu_time_total", row_limit=60))
+        write_text_atomic(out / "ops_by_cpu_time.txt", averages.table(sort_by="self_cpu_time_total", row_limit=60))
         if self.use_gpu:
-            _write(out / "ops_by_device_time.txt", averages.table(sort_by="self_device_time_total", row_limit=60))
-        _write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+            write_text_atomic(out / "ops_by_device_time.txt", averages.table(sort_by="self_device_time_total", row_limit=60))
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         if self.cfg.trace:
             prof.export_chrome_trace(str(out / "trace.json"))
         log.info("profiled steps %d-%d: %.0f ms/step wall, %s; written to %s", self.cfg.start_step, self.last_step,
@@ -97,8 +98,3 @@ def device_time_us(events) -> float:
     return float(sum(e.self_device_time_total for e in events
                      if e.device_type == DeviceType.CUDA and not e.is_user_annotation))
 
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
