@@ -36,9 +36,12 @@ class MaskLayout:
     bidirectional: torch.Tensor  # bool: token sits in a `full` or `noise` split
     noise: torch.Tensor  # bool: token sits in a `noise` split
 
+    def map(self, fn) -> MaskLayout:
+        """A copy with `fn` applied to each vector."""
+        return MaskLayout(*(fn(t) for t in (self.sample, self.split, self.order, self.bidirectional, self.noise)))
+
     def to(self, device: torch.device | str) -> MaskLayout:
-        return MaskLayout(*(t.to(device) for t in (self.sample, self.split, self.order,
-                                                    self.bidirectional, self.noise)))
+        return self.map(lambda t: t.to(device))
 
     def __len__(self) -> int:
         return int(self.sample.shape[0])

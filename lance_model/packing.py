@@ -7,6 +7,7 @@ contiguous slice; `MaskLayout.order` keeps the rendered order for causality.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -38,28 +39,26 @@ class PackedBatch:
     sample_lens: list[int]
     tasks: list[str]
 
-    def pin_memory(self) -> PackedBatch:
-        """A copy with every tensor in page-locked host memory (DataLoader's `pin_memory` calls this)."""
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PackedBatch:
+        """A copy with `fn` applied to every tensor, the mask layout's included."""
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, MaskLayout):
-                v = MaskLayout(*(t.pin_memory() for t in (v.sample, v.split, v.order, v.bidirectional, v.noise)))
+                v = v.map(fn)
             elif isinstance(v, torch.Tensor):
-                v = v.pin_memory()
+                v = fn(v)
             out[f.name] = v
         return PackedBatch(**out)
 
+    def pin_memory(self) -> PackedBatch:
+        """A copy with every tensor in page-locked host memory (DataLoader's `pin_memory` calls this)."""
+        return self.map_tensors(torch.Tensor.pin_memory)
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PackedBatch:
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, MaskLayout):
-                v = v.to(device)
-            elif isinstance(v, torch.Tensor):
-                v = v.to(device, dtype=dtype) if (dtype is not None and v.is_floating_point()) else v.to(device)
-            out[f.name] = v
-        return PackedBatch(**out)
+        """On `device`; floating tensors also cast to `dtype` when given."""
+        return self.map_tensors(lambda t: t.to(device, dtype=dtype) if dtype is not None and t.is_floating_point()
+                                else t.to(device))
 
 
 def pack_rendered(rendered: list[RenderedSample], config: LanceConfig) -> PackedBatch:
