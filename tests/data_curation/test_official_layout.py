@@ -54,15 +54,20 @@ def config(source: str) -> CurationConfig:
     return load_config(CurationConfig, CONFIG, [f"sources=[{source}]", "tracking.enabled=false"])
 
 
-def curate(cfg: CurationConfig, tmp_path: Path) -> tuple[dict[str, dict], list[dict]]:
-    """(inspect rows by source_uri, shard rows read back) of every item of the config's one source."""
+def curate(cfg: CurationConfig, tmp_path: Path, encoders: tuple[str, ...] = ("vae", "vit")
+           ) -> tuple[dict[str, dict], list[dict]]:
+    """(inspect rows by source_uri, shard rows read back) of every item of the config's one source,
+    through the `encoders` named (the pipeline's order: VAE, then ViT)."""
     items = [i.__dict__ for i in list_source(cfg.sources[0])]
     inspected = {r["source_uri"]: r for r in (InspectStage(cfg).inspect(i) for i in items)}
     stage = PrepareStage(cfg, TINY.vae.spatial_stride, TINY.vit.stride)
     prepared = [stage.prepare({**i, "sample_id": inspected[i["source_uri"]]["sample_id"]})
                 for i in items if inspected[i["source_uri"]]["status"] == "ok"]
     batch = to_batch(prepared, PREPARE_COLUMNS)
-    batch = TokenizeStage(TINY.tokenizer)(VitStage(cfg.model)(VaeStage(cfg.model)(batch)))
+    for name, stage_class in (("vae", VaeStage), ("vit", VitStage)):
+        if name in encoders:
+            batch = stage_class(cfg.model)(batch)
+    batch = TokenizeStage(TINY.tokenizer)(batch)
     drop = ("status", "reason", "detail")
     rows = [{k: v for k, v in shard_row(r).items() if k not in drop} for r in rows_of(batch)]
     path = write_shard(rows, tmp_path / "shard-00000.parquet")
