@@ -278,17 +278,17 @@ def evaluate_checkpoint(checkpoint: Path, cfg: RecipeConfigs, pool) -> tuple[dic
     # bf16 on a GPU, as `lance-pipeline generate` runs by default
     generator = LanceGenerator.from_pretrained(checkpoint, device=device,
                                                dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    sampler = SamplerOptions(num_steps=e.steps, text_scale=e.cfg_scale, noise_level=None)
-    outputs = generator.generate([Request("t2i", p, height, width, seed=i) for i, p in enumerate(prompts)],
-                                 sampler, batch_size=e.batch_size)
-    images = [o.frames[0].numpy() for o in outputs]
+    requests = [Request("t2i", p, height, width, seed=i) for i, p in enumerate(prompts)]
+
+    def sample(scale: float) -> list:
+        options = SamplerOptions(num_steps=e.steps, text_scale=scale, noise_level=None)
+        return [o.frames[0].numpy() for o in generator.generate(requests, options, batch_size=e.batch_size)]
+
+    images = sample(e.cfg_scale)
     scored = pool.score(images, prompts)
     by_cfg = {str(e.cfg_scale): float(np.mean(scored.components["ocr"]))}
     for scale in e.extra_cfg_scales:
-        other = generator.generate([Request("t2i", p, height, width, seed=i) for i, p in enumerate(prompts)],
-                                   SamplerOptions(num_steps=e.steps, text_scale=scale, noise_level=None),
-                                   batch_size=e.batch_size)
-        by_cfg[str(scale)] = float(np.mean(pool.score([o.frames[0].numpy() for o in other], prompts).components["ocr"]))
+        by_cfg[str(scale)] = float(np.mean(pool.score(sample(scale), prompts).components["ocr"]))
     qa = [r for r in heldout_rows(cfg.workdir / "heldout", "i2t") if r["answer"] in set(words)]
     answers = []
     with torch.no_grad():

@@ -477,10 +477,10 @@ class ProcessPrefetcher(Generic[T]):
         if depth < 1:
             raise ValueError(f"prefetch depth must be at least 1, got {depth}")
         self._expected: Iterator[int] = iter(steps)
-        loader = torch.utils.data.DataLoader(
-            _StepItems(produce, steps), batch_size=None, num_workers=1 if len(steps) else 0,
-            prefetch_factor=depth if len(steps) else None, pin_memory=pin_memory,
-            multiprocessing_context="fork" if len(steps) else None)
+        # no steps (a stage resumed at its end): no worker to start
+        worker = {"num_workers": 1, "prefetch_factor": depth, "multiprocessing_context": "fork"} if len(steps) else {}
+        loader = torch.utils.data.DataLoader(_StepItems(produce, steps), batch_size=None, pin_memory=pin_memory,
+                                             **worker)
         self._it = iter(loader)
 
     def get(self, step: int) -> T:
