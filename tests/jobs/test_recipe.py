@@ -45,6 +45,8 @@ TINY = [
     "rl.reward.num_cpus=1.5",
     # two onnxruntime threads per OCR engine: while an engine scores, the driver waits for it
     "rl.reward.ocr.threads=2",
+    # the training stages' profiler, on PT's second step (the recipe's PT and SFT pack in a process)
+    "pt.profile.steps=1", "pt.profile.start_step=1",
 ]
 
 
@@ -145,6 +147,10 @@ def test_recipe_runs_every_stage_and_resumes(tmp_path):
     from lance_model.config import LanceConfig
 
     assert LanceConfig.from_pretrained(tmp_path / "sft" / "final").vit.trainable
+    profile = json.loads((tmp_path / "pt" / "profile" / "summary.json").read_text())
+    assert profile["steps"] == [1, 1] and profile["ops_per_step"] > 100 and profile["gpu_busy"] is None
+    assert "aten::mm" in (tmp_path / "pt" / "profile" / "ops_by_cpu_time.txt").read_text()
+    assert not (tmp_path / "sft" / "profile").exists()
     qa = [r for r in heldout_rows if r["task"] == "i2t"]
     assert qa and all(r["source_pixels"] for r in qa)
     rl = json.loads((tmp_path / "stages" / "rl.json").read_text())
