@@ -122,7 +122,7 @@ class Setup:
         layout, positions, n_und, n_gen = pack
         self.layout = layout.to(device)
         cos, sin = rotary_cos_sin(positions.to(device), self.cfg.head_dim, self.cfg.rope_theta,
-                                  self.cfg.mrope_section)
+                                  self.cfg.mrope_section, interleaved=self.cfg.mrope_interleaved)
         self.cos, self.sin = cos.to(dtype), sin.to(dtype)
         self.backend = make_attention(backend_name)
         self.state = None

@@ -211,7 +211,8 @@ def official_llm_config(config: LanceConfig) -> dict:
         "num_attention_heads": t.num_attention_heads, "num_key_value_heads": t.num_key_value_heads,
         "head_dim": t.head_dim, "intermediate_size": t.intermediate_size, "vocab_size": t.vocab_size,
         "rms_norm_eps": t.rms_norm_eps, "rope_theta": t.rope_theta, "hidden_act": "silu",
-        "rope_scaling": {"type": "mrope", "mrope_section": list(t.mrope_section)},
+        "rope_scaling": {"type": "mrope", "mrope_section": list(t.mrope_section),
+                         **({"mrope_interleaved": True} if t.mrope_interleaved else {})},
         # The saved layout always carries its own lm_head (the official loader forces untied).
         "tie_word_embeddings": False, "qk_norm": t.qk_norm,
         "layer_module": "Qwen2MoTDecoderLayer",

@@ -62,6 +62,9 @@ class TextConfig:
     rms_norm_eps: PositiveFloat = 1e-6
     rope_theta: PositiveFloat = 1_000_000.0
     mrope_section: MropeSection = (16, 24, 24)
+    # the released layout (False): contiguous t | h | w frequency sections, the width getting only the
+    # slowest; True: Qwen3-VL's interleaved layout (lance_model/rope.py), for models trained from scratch
+    mrope_interleaved: bool = False
     qk_norm: bool = True
     tie_word_embeddings: bool = False
 
@@ -283,6 +286,7 @@ def text_config_from_qwen2(d: dict[str, Any]) -> TextConfig:
         rms_norm_eps=d.get("rms_norm_eps", 1e-6),
         rope_theta=float(theta),
         mrope_section=tuple(section) if isinstance(section, (list, tuple)) else section,
+        mrope_interleaved=bool(rope.get("mrope_interleaved", False)),
         qk_norm=d.get("qk_norm", True),
         tie_word_embeddings=d.get("tie_word_embeddings", False),
     )

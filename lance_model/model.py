@@ -157,7 +157,8 @@ class Lance(nn.Module):
         """The MoT decoder with a caller-supplied `attend(layer_index, q, k, v)` (e.g. a KV cache)
         for tokens at MaPE `positions` [3, L] (storage order: und then gen)."""
         cfg = self.config.text
-        cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+        cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section,
+                                  interleaved=cfg.mrope_interleaved)
         return self.language_model.model(x_und, x_gen, cos.to(x_und.dtype), sin.to(x_und.dtype), attend)
 
     def forward(self, batch: PackedBatch, timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
