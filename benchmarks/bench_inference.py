@@ -115,10 +115,15 @@ def bench_denoise(model, builder, task, lat_h, lat_w, backends, args, device) ->
     return rows
 
 
+COMPILE_DECODE = False  # --decode-compile
+
+
 def text_options(tokens: int) -> TextOptions:
     """Fixed-length greedy decoding where the code supports it (`ignore_eos`); tokens are counted
     as produced either way."""
     try:
+        if COMPILE_DECODE:
+            return TextOptions(max_new_tokens=tokens, ignore_eos=True, compile=True)
         return TextOptions(max_new_tokens=tokens, ignore_eos=True)
     except TypeError:  # a version without ignore_eos: rows stop at <|im_end|>
         return TextOptions(max_new_tokens=tokens)
@@ -148,11 +153,35 @@ def bench_decode(model, builder, args, device) -> list[dict]:
         made = sum(len(o.token_ids) for o in greedy(model, builder, samples, n + 1))
         decode = total - prefill
         tok_s = (made - first) / decode
+        # the steady-state rate: the extra time and tokens of a call twice as long (what a call's
+        # fixed costs, prefill and CUDA-graph capture included, add is cancelled out)
+        longer = timed(functools.partial(greedy, model, builder, samples, 2 * n + 1), device, 1, 3)
+        made_longer = sum(len(o.token_ids) for o in greedy(model, builder, samples, 2 * n + 1))
+        per_token = (longer - total) / max((made_longer - made) / batch, 1)
+        setup = decode - per_token * (made - first) / batch
         rows.append({"batch": batch, "tokens_requested": batch * n, "tokens_made": made - first, "prefill_s": prefill,
-                     "decode_s": decode, "tokens_per_s": tok_s})
+                     "decode_s": decode, "tokens_per_s": tok_s, "steady_ms_per_step": per_token * 1e3,
+                     "steady_tokens_per_s": batch / per_token, "fixed_decode_setup_s": setup})
         print(f"x2t decode batch {batch}: {tok_s:8.1f} tokens/s produced ({made - first} of {batch * n} requested "
-              f"in {decode * 1e3:.0f} ms), prefill {prefill * 1e3:.1f} ms", flush=True)
+              f"in {decode * 1e3:.0f} ms), prefill {prefill * 1e3:.1f} ms; steady state {per_token * 1e3:.2f} ms "
+              f"per step = {batch / per_token:.0f} tokens/s, fixed decode cost per call {setup * 1e3:.0f} ms", flush=True)
     return rows
+
+
+def profile_decode(model, builder, tokens: int, device) -> None:
+    """Kernels of one batch-1 greedy call (prefill, graph capture and replays) by GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    hidden = model.config.text.hidden_size
+    sample = Sample("i2t", "Describe the image in detail.",
+                    source=Visual(vit_tokens=torch.randn(576, hidden).to(model.vae2llm.weight.dtype), vit_grid=(1, 48, 48)))
+    greedy(model, builder, [sample], tokens)
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        greedy(model, builder, [sample], tokens)
+        sync(device)
+    print(prof.key_averages().table(sort_by="cuda_time_total" if device.type == "cuda" else "cpu_time_total",
+                                    row_limit=25), flush=True)
 
 
 def main() -> None:
@@ -168,10 +197,15 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=15)
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--decode-batch", type=int, nargs="+", default=[8, 32])
+    p.add_argument("--decode-compile", action="store_true", help="greedy decoding with TextOptions.compile")
+    p.add_argument("--decode-profile", type=int, default=0, metavar="TOKENS",
+                   help="profile one batch-1 greedy call of TOKENS tokens (kernel table by GPU time)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    global COMPILE_DECODE
+    COMPILE_DECODE = args.decode_compile
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = build_model(args.preset, args.layers, device, dtype)
@@ -185,6 +219,8 @@ def main() -> None:
         results["denoise"] += bench_denoise(model, builder, task, lat_h, lat_w, args.backends, args, device)
     if args.decode_tokens:
         results["decode"] = bench_decode(model, builder, args, device)
+    if args.decode_profile:
+        profile_decode(model, builder, args.decode_profile, device)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_inference.json").write_text(json.dumps(results, indent=2))
@@ -194,8 +230,9 @@ def main() -> None:
         print(f"| {r['task']} | {r['path']} | {r['s_per_step']:.4f} | {r['tokens_per_row']} | {r['setup_s']:.2f} "
               f"| {r['rel_err_vs_fp32']:.1e} |")
     for r in results["decode"]:
-        print(f"| x2t decode | batch {r['batch']} | {r['tokens_per_s']:.0f} tokens/s produced | "
-              f"{r['tokens_made']} tokens | prefill {r['prefill_s'] * 1e3:.0f} ms | |")
+        print(f"| x2t decode | batch {r['batch']} | {r['tokens_per_s']:.0f} tokens/s produced "
+              f"(steady {r.get('steady_tokens_per_s', float('nan')):.0f}) | {r['tokens_made']} tokens | "
+              f"prefill {r['prefill_s'] * 1e3:.0f} ms | |")
 
 
 if __name__ == "__main__":

@@ -99,6 +99,9 @@ class TextOptions:
     top_p: float = 1.0
     ignore_eos: bool = False  # keep decoding past <|im_end|> to max_new_tokens (fixed-length benchmarks)
     cuda_graph: bool = True  # greedy decoding on CUDA replays one captured graph per token
+    # greedy decoding's step through torch.compile (fused elementwise kernels) before any capture;
+    # compiling costs time on first use of each batch shape, so it pays off for long or many decodes
+    compile: bool = False
 
     def validate(self) -> TextOptions:
         if self.max_new_tokens < 1:
@@ -578,6 +581,31 @@ def _pick_tokens(logits: torch.Tensor, vocab: int, options: TextOptions,
     return [int(torch.multinomial(p, 1, generator=g)) for p, g in zip(probs, generators)]
 
 
+def _greedy_step(model: Lance, cache: KVCache, ids: torch.Tensor, pos: torch.Tensor, tokens: torch.Tensor,
+                 step_index: torch.Tensor, x_gen: torch.Tensor, vocab: int) -> None:
+    """One greedy token for every row, in place: the decoder over the cache, argmax into `ids` and
+    into column `step_index` of `tokens`, positions and column advanced."""
+    lm = model.language_model
+    h_und, _ = model.run_decoder(pos.expand(3, -1), lm.model.embed_tokens(ids), x_gen, cache.attend_decode)
+    cache.advance()
+    nxt = lm.lm_head(h_und)[:, :vocab].argmax(-1)
+    ids.copy_(nxt)
+    tokens.index_copy_(1, step_index, nxt[:, None])
+    pos += 1
+    step_index += 1
+
+
+_COMPILED_STEP = []
+
+
+def _compiled_greedy_step():
+    """`_greedy_step` through torch.compile, made once per process (its graphs are then reused by
+    every decoder of the same model and shapes)."""
+    if not _COMPILED_STEP:
+        _COMPILED_STEP.append(torch.compile(_greedy_step, dynamic=False))
+    return _COMPILED_STEP[0]
+
+
 class GreedyDecoder:
     """Greedy decoding that stays on the device: one step embeds every row's last token, runs the
     decoder over the static cache, advances it and writes the argmax into a token buffer, with no
@@ -586,7 +614,7 @@ class GreedyDecoder:
     eagerly. The host looks at the tokens every `check_every` steps to stop early."""
 
     def __init__(self, model: Lance, cache: KVCache, first: torch.Tensor, next_pos: torch.Tensor, vocab: int,
-                 max_new_tokens: int, graph: bool) -> None:
+                 max_new_tokens: int, graph: bool, compile: bool = False) -> None:
         self.model, self.cache, self.vocab = model, cache, vocab
         rows = first.shape[0]
         # Two spare columns (and two spare cache slots, see `generate_text`): the graph's warm-up steps.
@@ -597,19 +625,13 @@ class GreedyDecoder:
         self.step_index = torch.ones(1, dtype=torch.long, device=first.device)  # column the next token goes to
         self._x_gen = model.vae2llm.weight.new_zeros(0, model.config.text.hidden_size)
         self._graph = None
+        self._compile = compile
         if graph and max_new_tokens > 1:
             self._capture()
 
-    def _step(self) -> None:
-        lm = self.model.language_model
-        h_und, _ = self.model.run_decoder(self.pos.expand(3, -1), lm.model.embed_tokens(self.ids), self._x_gen,
-                                          self.cache.attend_decode)
-        self.cache.advance()
-        nxt = lm.lm_head(h_und)[:, : self.vocab].argmax(-1)
-        self.ids.copy_(nxt)
-        self.tokens.index_copy_(1, self.step_index, nxt[:, None])
-        self.pos += 1
-        self.step_index += 1
+    def _run_step(self) -> None:
+        step = _compiled_greedy_step() if self._compile else _greedy_step
+        step(self.model, self.cache, self.ids, self.pos, self.tokens, self.step_index, self._x_gen, self.vocab)
 
     def _capture(self) -> None:
         """Warm up on a side stream (the steps' effects are undone), then record one step."""
@@ -618,21 +640,21 @@ class GreedyDecoder:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._step()
+                self._run_step()
         torch.cuda.current_stream().wait_stream(side)
         for t, s in zip((self.cache.lengths, self.ids, self.pos, self.step_index, self.tokens), saved):
             t.copy_(s)
         self.cache.restore_lengths(self.cache.lengths)
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
-            self._step()
+            self._run_step()
 
     def run(self, steps: int, stop: int | None, check_every: int = 16) -> torch.Tensor:
         """Up to `steps` more tokens (each row's first is already in place); returns tokens [R, 1 + made]."""
         done = 0
         while done < steps:
             for _ in range(min(check_every, steps - done)):
-                self._graph.replay() if self._graph is not None else self._step()
+                self._graph.replay() if self._graph is not None else self._run_step()
                 done += 1
             if stop is not None and bool((self.tokens[:, : 1 + done] == stop).any(1).all()):
                 break
@@ -680,13 +702,17 @@ def generate_text(model: Lance, builder: SequenceBuilder, samples: list[Sample],
     cache = None
     if use_cache:
         batch = pack_rendered(rendered, model.config).to(device)
-        cache, h_und, _ = prefill(model, batch, capacity=max(batch.sample_lens) + options.max_new_tokens + 2)
+        capacity = max(batch.sample_lens) + options.max_new_tokens + 2
+        if options.compile:  # cache shapes in steps of 256 slots: calls of nearby lengths share a compiled step
+            capacity = -(-capacity // 256) * 256
+        cache, h_und, _ = prefill(model, batch, capacity=capacity)
         logits = lm_head(h_und[_last_token_index(batch, _row_index(batch, rows))])
         next_pos = torch.tensor([int(r.positions[0, -1]) + 1 for r in rendered], device=device)
         x_gen = logits.new_zeros(0, embed.embedding_dim)
         if options.temperature == 0:
             decoder = GreedyDecoder(model, cache, logits[:, :vocab].argmax(-1), next_pos, vocab,
-                                    options.max_new_tokens, graph=options.cuda_graph and device.type == "cuda")
+                                    options.max_new_tokens, graph=options.cuda_graph and device.type == "cuda",
+                                    compile=options.compile)
             made = decoder.run(options.max_new_tokens - 1, None if options.ignore_eos else stop).tolist()
             out = []
             for ids in made:

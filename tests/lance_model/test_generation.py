@@ -345,3 +345,16 @@ def test_text_generation_ignores_a_samples_own_answer(gen):
     assert [a.token_ids for a in answered] == [p.token_ids for p in plain] == [b.token_ids for b in by_ids]
     assert with_answers[0].answer == "OPEN"  # the caller's samples are left as they were
     assert len(prompted[0]) > len(gen.builder.render(samples[0]))  # rendering it would have changed the prompt
+
+
+def test_compiled_greedy_step_gives_the_eager_tokens(gen):
+    """TextOptions.compile: the decode step through torch.compile, made once and reused by later calls."""
+    samples = x2t_samples(gen)
+    options = {"max_new_tokens": 6, "ignore_eos": True}
+    with torch.no_grad():
+        eager = generate_text(gen.model, gen.builder, samples, TextOptions(**options), [1, 2])
+        compiled = [generate_text(gen.model, gen.builder, samples, TextOptions(**options, compile=True), [1, 2])
+                    for _ in range(2)]
+    for run in compiled:
+        assert [c.token_ids for c in run] == [e.token_ids for e in eager]
+    assert all(len(e.token_ids) == 6 for e in eager)
