@@ -246,6 +246,9 @@ class KVCache:
         self.k[layer][self._prefill_rows, :, self._prefill_slots] = k.to(self.k.dtype)
         self.v[layer][self._prefill_rows, :, self._prefill_slots] = v.to(self.v.dtype)
 
+    # Kept out of a compiled decode step (TextOptions.compile): traced, the in-place cache writes
+    # became copies of the whole cache layer (a batch-32 step went from 7.8 to 20.7 ms on an H200).
+    @torch.compiler.disable
     def attend_decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One new token per row (q [R, Hq, D], k/v [R, Hkv, D]), written at slot lengths[r]."""
         self.k[layer][self._rows, :, self.lengths] = k.to(self.k.dtype)
