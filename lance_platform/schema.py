@@ -32,8 +32,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from lance_platform.config import ConfigError
 from lance_model.sequence import Sample, Visual
+from lance_platform.config import ConfigError
+from lance_platform.files import atomic_target
 
 SCHEMA_VERSION = 1
 VERSION_KEY = b"lance.schema_version"
@@ -128,9 +129,8 @@ def write_shard(rows: list[dict[str, Any]] | pa.Table, path: str | Path, encoder
     if tokenizer is not None:
         meta[TOKENIZER_KEY] = json.dumps(tokenizer, sort_keys=True).encode()
     table = table.replace_schema_metadata(meta)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    with atomic_target(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
     return path
 
 

@@ -62,6 +62,7 @@ from lance_platform import checkpoint as ckpt
 from lance_platform import lora
 from lance_platform.checkpoint import plain_name
 from lance_platform.config import ConfigError, from_dict
+from lance_platform.files import write_text_atomic
 from lance_platform.sharded_checkpoint import (
     AsyncCheckpointWriter,
     Piece,
@@ -266,9 +267,8 @@ def write_final_metrics(stage_dir: Path, metrics: dict) -> None:
     """The last step's metrics, beside the stage's sharded checkpoints (atomic)."""
     import json
 
-    tmp = stage_dir / f".{FINAL_METRICS}.tmp"
-    tmp.write_text(json.dumps({k: float(v) if isinstance(v, (int, float)) else v for k, v in metrics.items()}))
-    tmp.replace(stage_dir / FINAL_METRICS)
+    write_text_atomic(stage_dir / FINAL_METRICS,
+                      json.dumps({k: float(v) if isinstance(v, (int, float)) else v for k, v in metrics.items()}))
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -576,10 +576,7 @@ def data_state_file(directory: Path, rank: int) -> Path:
 
 def save_data_state(directory: Path, rank: int, state: dict) -> None:
     """This worker's data position (per-group cursors, a few integers) as JSON."""
-    path = data_state_file(directory, rank)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(state))
-    tmp.replace(path)
+    write_text_atomic(data_state_file(directory, rank), json.dumps(state))
 
 
 def _read_data_state(path: Path) -> dict:
