@@ -649,7 +649,11 @@ class GreedyDecoder:
             t.copy_(s)
         self.cache.restore_lengths(self.cache.lengths)
         self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
+        # thread_local: only this thread's unsafe calls break the capture. In the default (global)
+        # mode a CUDA call from any thread does, e.g. the pin-memory thread of a DataLoader that keeps
+        # prefetching while a stage validates: "operation failed due to a previous error during
+        # capture", seen on an H200 with a prefetching loader beside an evaluation's decode.
+        with torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
             self._run_step()
 
     def run(self, steps: int, stop: int | None, check_every: int = 16) -> torch.Tensor:

@@ -358,3 +358,31 @@ def test_compiled_greedy_step_gives_the_eager_tokens(gen):
     for run in compiled:
         assert [c.token_ids for c in run] == [e.token_ids for e in eager]
     assert all(len(e.token_ids) == 6 for e in eager)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph decoding needs a CUDA GPU")
+def test_graph_decoding_is_not_broken_by_another_thread_pinning_memory(gen):
+    """A DataLoader's pin-memory thread keeps calling CUDA while a stage validates; the decode
+    graph's capture must not fail because of it (capture_error_mode='thread_local')."""
+    import copy
+    import threading
+
+    model = copy.deepcopy(gen.model).cuda()
+    samples = x2t_samples(gen)
+    stop = threading.Event()
+
+    def pin() -> None:
+        while not stop.is_set():
+            torch.randn(1 << 16).pin_memory()
+
+    with torch.no_grad():
+        eager = generate_text(model, gen.builder, samples, TextOptions(max_new_tokens=8, cuda_graph=False), [1, 2])
+        thread = threading.Thread(target=pin, daemon=True)
+        thread.start()
+        try:
+            runs = [generate_text(model, gen.builder, samples, TextOptions(max_new_tokens=8), [1, 2]) for _ in range(5)]
+        finally:
+            stop.set()
+            thread.join()
+    for run in runs:
+        assert [r.token_ids for r in run] == [e.token_ids for e in eager]
