@@ -24,12 +24,12 @@ from torch import nn
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH
 
-from lance_model import Lance, LanceConfig  # noqa: E402
-from lance_model import backbone as backbone_module  # noqa: E402
-from lance_model.generation import DenoisingSession, SamplerOptions  # noqa: E402
-from lance_model.rope import rotate_half  # noqa: E402
-from lance_model.sequence import Sample, SequenceBuilder, Visual  # noqa: E402
-from lance_model.tokenizer import ByteTokenizer  # noqa: E402
+from lance_model import Lance, LanceConfig
+from lance_model import backbone as backbone_module
+from lance_model.generation import DenoisingSession, SamplerOptions
+from lance_model.rope import rotate_half
+from lance_model.sequence import Sample, SequenceBuilder, Visual
+from lance_model.tokenizer import ByteTokenizer
 
 CAPTION = 'A wooden sign reading "OPEN" on a blue door, morning light.'
 

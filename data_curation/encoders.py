@@ -20,8 +20,8 @@ from torch import nn
 
 from data_curation.config import BucketConfig, ModelRef
 from lance_model.config import LanceConfig
-from lance_platform.config import ConfigError
 from lance_model.encoders.vae import LatentAutoencoder, build_vae
+from lance_platform.config import ConfigError
 
 VIT_PREFIX = "vit_model."
 

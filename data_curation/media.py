@@ -140,20 +140,19 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     if animated == "video":
         return decode_animated(data, max_pixels=max_pixels, background=background)
     _check_image_bytes(data, "image")
-    with _pillow_errors():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
-            with Image.open(io.BytesIO(data)) as img:
-                _check_pixels(img.width, img.height, max_pixels, "image")
-                frames = getattr(img, "n_frames", 1)
-                if frames > 1 and animated == "quarantine":
-                    raise MediaError("animated_image", f"{img.format} with {frames} frames: an animated image "
-                                                       "is not curated as a still (convert it to a video, list "
-                                                       "it as a video task, or set decode.animated_images: "
-                                                       "first_frame)")
-                img.seek(0)
-                img.load()
-                rgb = _to_rgb(ImageOps.exif_transpose(img), background)
+    with _pillow_errors(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+        with Image.open(io.BytesIO(data)) as img:
+            _check_pixels(img.width, img.height, max_pixels, "image")
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1 and animated == "quarantine":
+                raise MediaError("animated_image", f"{img.format} with {frames} frames: an animated image "
+                                                   "is not curated as a still (convert it to a video, list "
+                                                   "it as a video task, or set decode.animated_images: "
+                                                   "first_frame)")
+            img.seek(0)
+            img.load()
+            rgb = _to_rgb(ImageOps.exif_transpose(img), background)
     return Decoded(np.asarray(rgb)[None], dropped_frames=frames - 1)
 
 
@@ -176,26 +175,25 @@ def decode_animated(data: bytes, target_fps: float = 12.0, max_seconds: float = 
     delay (10 ms or less counts as 100 ms), sampled by `animation_sample`; `duration` is the whole
     animation's. A still image is decoded as by `decode_image` (one frame, no duration)."""
     _check_image_bytes(data, "image")
-    with _pillow_errors():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                _check_pixels(img.width, img.height, max_pixels, "image")
-                count = getattr(img, "n_frames", 1)
-                if count < 2:
-                    return decode_image(data, max_pixels, background)
-                durations = []
-                for i in range(count):
-                    img.seek(i)
-                    img.load()  # WebP reports a frame's delay once it is loaded
-                    ms = img.info.get("duration") or 0
-                    durations.append(ms / 1000 if ms / 1000 > MIN_FRAME_SECONDS else DEFAULT_FRAME_SECONDS)
-                indices, fps = animation_sample(durations, target_fps, max_seconds)
-                decoded: dict[int, np.ndarray] = {}
-                for i in sorted(set(indices.tolist())):  # forward seeks only: GIF frames build on the last
-                    img.seek(i)
-                    img.load()
-                    decoded[i] = np.asarray(_to_rgb(ImageOps.exif_transpose(img), background))
+    with _pillow_errors(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as img:
+            _check_pixels(img.width, img.height, max_pixels, "image")
+            count = getattr(img, "n_frames", 1)
+            if count < 2:
+                return decode_image(data, max_pixels, background)
+            durations = []
+            for i in range(count):
+                img.seek(i)
+                img.load()  # WebP reports a frame's delay once it is loaded
+                ms = img.info.get("duration") or 0
+                durations.append(ms / 1000 if ms / 1000 > MIN_FRAME_SECONDS else DEFAULT_FRAME_SECONDS)
+            indices, fps = animation_sample(durations, target_fps, max_seconds)
+            decoded: dict[int, np.ndarray] = {}
+            for i in sorted(set(indices.tolist())):  # forward seeks only: GIF frames build on the last
+                img.seek(i)
+                img.load()
+                decoded[i] = np.asarray(_to_rgb(ImageOps.exif_transpose(img), background))
     frames = np.stack([decoded[i] for i in indices.tolist()])
     return Decoded(frames, fps=fps, source_frames=count, duration=float(sum(durations)))
 

@@ -57,8 +57,8 @@ from data_curation.media import (
     probe_video,
 )
 from data_curation.scenes import chunk_scenes, detect_scenes, scene_sample_id, scene_uri
-from lance_platform.schema import SLOTS, tensor_to_bytes
 from data_curation.sources import TEXT_FIELDS, UNDERSTANDING_TASKS, Fetcher, main_slot
+from lance_platform.schema import SLOTS, tensor_to_bytes
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def guarded(fn, item: dict, *args, **kwargs):
         return fn(*args, **kwargs)
     except MediaError:
         raise
-    except Exception as exc:  # noqa: BLE001 - one item's failure must not stop the job
+    except Exception as exc:
         log.warning("quarantined %s: unexpected %s", item.get("source_uri"), type(exc).__name__, exc_info=True)
         raise MediaError("unexpected_error", f"{type(exc).__name__}: {exc}"[:500]) from None
 

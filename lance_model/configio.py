@@ -84,7 +84,7 @@ def configclass(cls: type[T] | None = None, **kwargs: Any) -> Any:
     return wrap if cls is None else wrap(cls)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _adapter(cls: type) -> TypeAdapter:
     if not (dataclasses.is_dataclass(cls) and getattr(cls, "__pydantic_config__", None)):
         raise TypeError(f"{cls.__name__} is not a config class (declare it with @configclass)")
@@ -143,9 +143,9 @@ def _lookup(data: Any, path: list, default: Any) -> Any:
     """The value at `path` inside the input (mappings and lists), else `default`."""
     node = data
     for part in path:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, (list, tuple)) and isinstance(part, int) and 0 <= part < len(node):
+        in_dict = isinstance(node, dict) and part in node
+        in_list = isinstance(node, (list, tuple)) and isinstance(part, int) and 0 <= part < len(node)
+        if in_dict or in_list:
             node = node[part]
         elif dataclasses.is_dataclass(node) and isinstance(part, str) and hasattr(node, part):
             node = getattr(node, part)
@@ -156,7 +156,7 @@ def _lookup(data: Any, path: list, default: Any) -> Any:
 
 def _pydantic_text(err: dict) -> str:
     msg = err.get("msg", "a valid value")
-    return msg[len("Input should be "):] if msg.startswith("Input should be ") else msg
+    return msg.removeprefix("Input should be ")
 
 
 def _strip(hint: Any) -> tuple[Any, list[Any], bool]:

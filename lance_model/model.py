@@ -20,7 +20,14 @@ from torch import nn
 
 from .attention import AttentionBackend, make_backend
 from .backbone import LanceLanguageModel
-from .checkpoint import assign_state, fill_from_qwen25vl, materialize, read_pretrained, read_qwen25vl, save_pretrained
+from .checkpoint import (
+    assign_state,
+    fill_from_qwen25vl,
+    materialize,
+    read_pretrained,
+    read_qwen25vl,
+    save_pretrained,
+)
 from .config import LanceConfig
 from .heads import PositionEmbedding3D, TimestepEmbedder
 from .packing import PackedBatch

@@ -22,7 +22,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lance_model.generation import DenoisingSession, LanceGenerator, Request, SamplerOptions, run_sampler, sample_latents
+from lance_model.generation import (
+    DenoisingSession,
+    LanceGenerator,
+    Request,
+    SamplerOptions,
+    run_sampler,
+    sample_latents,
+)
 from lance_model.model import Lance
 from lance_model.sampling import sde_log_prob, sde_step
 from lance_model.sequence import Sample

@@ -19,10 +19,10 @@ from data_curation.filters import (
     script_fraction,
     text_density,
 )
+from data_curation.media import encode_image
 from data_curation.report import count_outcomes
 from data_curation.sources import list_source
 from data_curation.stages import InspectStage
-from data_curation.media import encode_image
 from data_curation.synthetic import render_text_image
 from lance_platform.config import ConfigError
 

@@ -8,9 +8,16 @@ import torch
 from data_curation.buckets import bucket_size, choose_bucket, resize_crop
 from data_curation.config import ModelRef
 from data_curation.dedup import hamming, perceptual_hash
-from data_curation.media import MediaError, decode_image, decode_text, decode_video, sample_frame_indices
+from data_curation.media import (
+    MediaError,
+    decode_image,
+    decode_text,
+    decode_video,
+    encode_image,
+    encode_video,
+    sample_frame_indices,
+)
 from data_curation.stages import VaeStage, VitStage, shard_row, slot_copies
-from data_curation.media import encode_image, encode_video
 from data_curation.synthetic import render_moving_video, render_text_image
 from lance_model.config import LanceConfig
 from lance_model.encoders.vit import vit_token_count

@@ -8,16 +8,15 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 import torch
+from defects import write_defect_corpus, write_defect_parquet
 
+from data_curation.media import encode_image
 from data_curation.pipeline import run_curation
-from lance_platform.schema import SCHEMA_VERSION, read_shard, row_to_sample, shard_encoder
 from data_curation.sources import list_source
 from data_curation.stages import PrepareStage, VaeStage, VitStage, shard_row, to_batch
-from data_curation.media import encode_image
 from data_curation.synthetic import image_caption, render_text_image
-
-from defects import write_defect_corpus, write_defect_parquet
 from lance_model.config import LanceConfig
+from lance_platform.schema import SCHEMA_VERSION, read_shard, row_to_sample, shard_encoder
 
 
 def shard_rows(out) -> list[dict]:

@@ -12,7 +12,6 @@ from PIL import Image
 
 from data_curation.buckets import bucket_size
 from data_curation.config import CurationConfig
-from lance_platform.schema import read_shard, write_shard
 from data_curation.sources import Fetcher, list_source
 from data_curation.stages import (
     PREPARE_COLUMNS,
@@ -26,6 +25,7 @@ from data_curation.stages import (
 )
 from lance_model.config import LanceConfig
 from lance_platform.config import ConfigError, load_config
+from lance_platform.schema import read_shard, write_shard
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "curation" / "synthetic.yaml"
 SYNTH = "sources=[{kind: synthetic, name: s, synthetic: {images: 1, videos: 1, edits: 1, qa: 1}}]"

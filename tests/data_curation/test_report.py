@@ -6,9 +6,9 @@ from collections import Counter
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from data_curation.report import _histogram, write_plots  # noqa: E402
+from data_curation.report import _histogram, write_plots
 
 
 def test_histogram_of_nothing_says_so_instead_of_a_bar_at_zero():

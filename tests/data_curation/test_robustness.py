@@ -14,16 +14,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from defects import animated_gif, png_header, write_defect_corpus, write_defect_parquet
 from PIL import Image
 
-import lance_platform.schema as schema
 from data_curation.config import CurationConfig
 from data_curation.media import MediaError, decode_image, decode_video, encode_image, encode_video
 from data_curation.sources import list_source
 from data_curation.stages import InspectStage
 from data_curation.store import CuratedDataset, Manifest, ShardWriter
 from data_curation.synthetic import render_moving_video, render_text_image
-from defects import animated_gif, png_header, write_defect_corpus, write_defect_parquet
+from lance_platform import schema
 from lance_platform.config import ConfigError, load_config
 from lance_platform.schema import ShardChecksumError, check_version, read_shard, verify_shard
 
@@ -180,7 +180,7 @@ def test_an_unexpected_exception_costs_one_item(tmp_path, monkeypatch):
         (root / f"{word}.png").write_bytes(encode_image(render_text_image(word, 64, 96, i)))
     (root / "captions.jsonl").write_text("".join(json.dumps({"path": f"{w}.png", "caption": w}) + "\n"
                                                  for w in ("OPEN", "STOP")))
-    import data_curation.stages as stages
+    from data_curation import stages
 
     real = stages.decode_media
     stop = (root / "STOP.png").read_bytes()

@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_curation.config import CurationConfig, SourceConfig
+from data_curation.media import encode_image, encode_video
 from data_curation.sources import TEXT_FIELDS, Fetched, Fetcher, SourceError, list_source
 from data_curation.stages import InspectStage
-from data_curation.media import encode_image, encode_video
 from data_curation.synthetic import (
     QUESTION,
     image_caption,

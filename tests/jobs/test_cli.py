@@ -116,7 +116,7 @@ def test_submit_checks_the_command_line_before_submitting(capsys):
 @pytest.fixture
 def no_ray(monkeypatch):
     """Config errors come before Ray: starting it fails the test."""
-    import lance_platform.runtime as runtime
+    from lance_platform import runtime
 
     def refuse(*args, **kwargs):
         raise AssertionError("Ray was started before the config was checked")

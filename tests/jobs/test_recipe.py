@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.recipe import STAGES, load_recipe, parse_stages
 from jobs.errors import UsageError
+from jobs.recipe import STAGES, load_recipe, parse_stages
 from lance_platform.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -16,9 +16,8 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
 
     path = tmp_path / "table.parquet"
     path.write_text("old")
-    with pytest.raises(RuntimeError, match="half written"):
-        with atomic_target(path) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("half written")
+    with pytest.raises(RuntimeError, match="half written"), atomic_target(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("half written")
     assert path.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["table.parquet"]

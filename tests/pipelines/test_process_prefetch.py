@@ -8,14 +8,13 @@ import time
 
 import pytest
 import torch
+from test_batching import assert_same_batch
 
 from lance_model import LanceConfig
 from lance_model.sequence import SequenceBuilder
 from lance_model.tokenizer import ByteTokenizer
 from pipelines.batching import GroupStreams, Packer, Prefetcher, ProcessPrefetcher
 from pipelines.config import MixtureConfig, TaskGroup, load_stage_config
-
-from test_batching import assert_same_batch
 
 TINY = LanceConfig.from_preset("tiny")
 MIXTURE = MixtureConfig(groups={"gen": TaskGroup(tasks=("t2i", "i2i"), weight=0.6),

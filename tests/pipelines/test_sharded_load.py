@@ -93,7 +93,7 @@ def _worker(rank: int, world: int, root: str) -> None:
 
     root = Path(root)
     cpu = torch.device("cpu")
-    shard = lambda m: parallel.apply_fsdp(m, cpu, bf16=False)  # noqa: E731
+    shard = lambda m: parallel.apply_fsdp(m, cpu, bf16=False)
     import ctypes
     import gc
 
@@ -209,8 +209,8 @@ def test_host_memory_per_rank_is_bounded_by_its_shard(sharded_run):
 
 
 def test_resume_on_another_world_size_reshards_model_optimizer_and_ema(sharded_run):
-    from lance_platform.checkpoint import read_optimizer_state, verify
     from lance_model.checkpoint import read_tensors
+    from lance_platform.checkpoint import read_optimizer_state, verify
     from pipelines.train_loop import build_model, restore_checkpoint
 
     root, _ = sharded_run

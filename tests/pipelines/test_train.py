@@ -13,8 +13,8 @@ from lance_model import Lance
 from lance_model.checkpoint import read_tensors
 from lance_platform.checkpoint import verify
 from lance_platform.config import ConfigError
-from pipelines.config import load_stage_config
 from lance_platform.tracking import default_tracking_uri
+from pipelines.config import load_stage_config
 from pipelines.trainer import run_pipeline, run_stage
 
 pytestmark = pytest.mark.slow
