@@ -357,7 +357,9 @@ class GrpoTrainer:
         total = combine_rewards(components, w.weights)
         advantages, keep = group_advantages(torch.as_tensor(total), r.group_size, self.cfg.grpo.global_std,
                                             self.cfg.grpo.adv_clip)
+        updating = time.perf_counter()
         stats = self.update(trajs, advantages, keep)
+        timing["update_time_s"] = time.perf_counter() - updating
         self.step += 1
         self.push_weights()
         elapsed = time.perf_counter() - start
@@ -557,4 +559,4 @@ def merge_lora_checkpoint(adapters: str | Path, target: str | Path, device: str 
 
 
 _SHOWN = ("reward_mean", "reward_std", "groups_skipped", "optimizer_steps", "kl", "clip_frac", "eval/ocr_accuracy",
-          "eval/reward", "images_per_s", "step_time_s")
+          "eval/reward", "images_per_s", "step_time_s", "rollout_time_s", "reward_wait_s", "update_time_s")

@@ -27,7 +27,7 @@ from rl.trainer import train_grpo
 
 EXPECTED = {"reward_mean", "reward_std", "reward/ocr_mean", "reward/ocr_exact_mean", "ocr_failures", "kl",
             "clip_frac", "ratio_mean", "ratio_min", "ratio_max", "step_time_s", "images_per_s",
-            "eval/ocr_accuracy"}
+            "rollout_time_s", "reward_wait_s", "update_time_s", "eval/ocr_accuracy"}
 SIZE = 32  # rollout.height / width in configs/rl/grpo_ocr.yaml
 
 
@@ -69,6 +69,9 @@ def test_two_grpo_iterations_log_to_mlflow_and_write_a_loadable_checkpoint(ray_l
     result = train_grpo(cfg)
     assert result.steps == 2 and len(result.history) == 2
     assert all(h["ocr_failures"] == 0 and h["reward_actor_restarts"] == 0 for h in result.history)
+    for h in result.history:  # the phases are parts of the iteration
+        parts = h["rollout_time_s"] + h["reward_wait_s"] + h["update_time_s"]
+        assert h["update_time_s"] > 0 and parts <= h["step_time_s"]
 
     client = MlflowClient(default_tracking_uri(cfg.workdir))
     run = client.get_run(result.run_id)
