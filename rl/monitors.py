@@ -14,7 +14,9 @@ equally; a video counts each of its frames as an image):
   channel (`colour_bins`^3 colours; 0 for a one-colour image, 1 for an image half one colour and
   half another, at most log2(colour_bins^3)).
 
-Held-out monitors (every `every` iterations, and whenever the run evaluates anyway):
+Held-out monitors (every `every` iterations, and whenever the run evaluates anyway; an evaluation
+that only the monitors ask for may use the first `prompts` held-out prompts, whose result feeds the
+monitors only):
 `heldout_reward` (the training reward's weights on the held-out samples, `eval/reward`, or the
 OCR accuracy when the weights use a component the held-out scoring lacks) and `reward_gap` =
 the iteration's training reward mean - `heldout_reward` (a growing gap: the policy learns the
@@ -81,6 +83,9 @@ class MonitorRule:
 class MonitorConfig:
     enabled: bool = True
     every: NonNegativeInt = 1  # held-out reward every N iterations (0: only when the run evaluates anyway)
+    # held-out prompts of an evaluation the monitors alone ask for: the first N (0: all). Such a
+    # subset feeds monitor/heldout_reward and reward_gap only; eval/* stay full-set evaluations.
+    prompts: NonNegativeInt = 0
     dark_threshold: Fraction = 0.1  # luma below: a dark pixel
     white_threshold: Fraction = 0.9  # luma above: a white pixel
     colour_bins: PositiveInt = 8  # levels per channel of the colour-entropy histogram

@@ -384,18 +384,20 @@ class GrpoTrainer:
                    for i, (p, s, rw, a, t) in enumerate(zip(prompts, seeds, total, advantages, scored.texts))]
         return metrics, images, records
 
-    def evaluate(self) -> dict[str, float]:
-        """Held-out OCR accuracy: mean OCR reward of deterministic ODE samples (seed i per prompt)."""
-        if not self.eval_prompts:
+    def evaluate(self, limit: int | None = None) -> dict[str, float]:
+        """Held-out OCR accuracy: mean OCR reward of deterministic ODE samples (seed i per prompt),
+        over the held-out prompts or their first `limit`."""
+        prompts = self.eval_prompts[:limit]
+        if not prompts:
             return {}
         r = self.cfg.rollout
-        seeds = list(range(len(self.eval_prompts)))
+        seeds = list(range(len(prompts)))
         if self.rollouts is not None:
             with self._rollout_phase():
-                images = self.rollouts.evaluate(self.eval_prompts, seeds, r.eval_steps, r.eval_cfg_scale)
+                images = self.rollouts.evaluate(prompts, seeds, r.eval_steps, r.eval_cfg_scale)
         else:
-            images = self.worker.evaluate(self.eval_prompts, seeds, r.eval_steps, r.eval_cfg_scale)
-        scored = self.rewards.score(images, self.eval_prompts)
+            images = self.worker.evaluate(prompts, seeds, r.eval_steps, r.eval_cfg_scale)
+        scored = self.rewards.score(images, prompts)
         out = {"eval/ocr_accuracy": float(np.mean(scored.components["ocr"])),
                "eval/ocr_exact": float(np.mean(scored.components["ocr_exact"]))}
         if "ocr_ctc" in scored.components:
@@ -488,10 +490,17 @@ def train_grpo(cfg: RLConfig, parent_run_id: str | None = None,
         while trainer.step < cfg.steps:
             metrics, images, records = trainer.iteration()
             step = trainer.step
-            if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0) or \
-                    (trainer.eval_prompts and trainer.monitors.wants_heldout(step)):
+            if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
                 metrics.update(trainer.evaluate())
                 metrics.update(trainer.monitors.heldout_metrics(metrics))
+            elif trainer.eval_prompts and trainer.monitors.wants_heldout(step):
+                subset = trainer.monitors.cfg.prompts
+                held = trainer.evaluate(limit=subset or None)
+                if subset:  # a subset: for the monitors only, the eval/* curves stay full-set
+                    metrics.update(trainer.monitors.heldout_metrics({**metrics, **held}))
+                else:
+                    metrics.update(held)
+                    metrics.update(trainer.monitors.heldout_metrics(metrics))
             alarms = trainer.monitors.check(step, metrics)
             for alarm in alarms:
                 log.warning("%s", alarm.message)

@@ -164,3 +164,35 @@ def test_a_flag_rule_warns_and_tags_and_a_stop_rule_ends_the_run_with_a_checkpoi
     assert "step 2" in run.data.tags["alarm.monitor/brightness"]
     assert run.data.tags["monitor_stop"] == result.stopped
     assert [m.step for m in client.get_metric_history(result.run_id, "monitor/dark_share")] == [1, 2]
+
+
+class CountingPool(RisingPool):
+    """RisingPool that records how many held-out images each evaluation scored."""
+
+    scored: list[int] = []
+
+    def score(self, items, prompts) -> RewardBatch:
+        CountingPool.scored.append(len(items))
+        return super().score(items, prompts)
+
+
+def test_monitor_only_evaluations_use_the_prompt_subset_and_leave_the_eval_curve_full(rl_config, monkeypatch):
+    import lance_platform.runtime
+    import rl.trainer
+
+    monkeypatch.setattr(lance_platform.runtime, "init_ray", lambda address=None: None)
+    monkeypatch.setattr(rl.trainer, "RewardActorPool", CountingPool)
+    CountingPool.scored = []
+    cfg = rl_config("steps=3", "eval_every=0", "checkpoint_every=10", "rollout.prompts_per_step=2",
+                    "rollout.group_size=2", "rollout.microbatch=4", "rollout.steps=2", "rollout.eval_steps=2",
+                    "policy.device=cpu", "prompts.eval_synthetic=3", "monitors.prompts=1")
+    result = rl.trainer.train_grpo(cfg)
+
+    # before training (full), steps 1 and 2 (the monitors' subset), step 3 (the final evaluation, full)
+    assert CountingPool.scored == [3, 1, 1, 3]
+    first, second, last = result.history
+    for metrics in (first, second):
+        assert "eval/ocr_accuracy" not in metrics
+        assert metrics["monitor/heldout_reward"] == pytest.approx(0.1)
+        assert metrics["monitor/reward_gap"] == pytest.approx(metrics["reward_mean"] - 0.1)
+    assert last["eval/ocr_accuracy"] == pytest.approx(0.1) and "monitor/heldout_reward" in last
