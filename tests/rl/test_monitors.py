@@ -4,6 +4,7 @@ goes on and a `stop` rule ends it cleanly with a checkpoint."""
 from __future__ import annotations
 
 import logging
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -169,7 +170,7 @@ def test_a_flag_rule_warns_and_tags_and_a_stop_rule_ends_the_run_with_a_checkpoi
 class CountingPool(RisingPool):
     """RisingPool that records how many held-out images each evaluation scored."""
 
-    scored: list[int] = []
+    scored: ClassVar[list[int]] = []
 
     def score(self, items, prompts) -> RewardBatch:
         CountingPool.scored.append(len(items))
