@@ -25,6 +25,7 @@ Pixels come in as float frames [T, 3, H, W] in [0, 1]; reading/writing files is 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -598,15 +599,11 @@ def _greedy_step(model: Lance, cache: KVCache, ids: torch.Tensor, pos: torch.Ten
     step_index += 1
 
 
-_COMPILED_STEP = []
-
-
+@functools.cache
 def _compiled_greedy_step():
     """`_greedy_step` through torch.compile, made once per process (its graphs are then reused by
     every decoder of the same model and shapes)."""
-    if not _COMPILED_STEP:
-        _COMPILED_STEP.append(torch.compile(_greedy_step, dynamic=False))
-    return _COMPILED_STEP[0]
+    return torch.compile(_greedy_step, dynamic=False)
 
 
 class GreedyDecoder:
