@@ -50,7 +50,6 @@ def test_the_layout_changes_image_token_outputs_and_survives_the_official_config
     x = torch.randn(4, cfg.text.hidden_size)
     empty = x.new_zeros(0, cfg.text.hidden_size)
     with torch.no_grad():
-        cfg.attention_backend = "sdpa"
         full = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
             q.transpose(0, 1), k.repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(0, 1),
             v.repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(0, 1)).transpose(0, 1)
