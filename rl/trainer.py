@@ -490,17 +490,15 @@ def train_grpo(cfg: RLConfig, parent_run_id: str | None = None,
         while trainer.step < cfg.steps:
             metrics, images, records = trainer.iteration()
             step = trainer.step
-            if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
-                metrics.update(trainer.evaluate())
-                metrics.update(trainer.monitors.heldout_metrics(metrics))
-            elif trainer.eval_prompts and trainer.monitors.wants_heldout(step):
-                subset = trainer.monitors.cfg.prompts
+            scheduled = step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)
+            if scheduled or (trainer.eval_prompts and trainer.monitors.wants_heldout(step)):
+                # an evaluation only the monitors ask for may take a subset, which feeds them only:
+                # the eval/* curves stay full-set
+                subset = 0 if scheduled else trainer.monitors.cfg.prompts
                 held = trainer.evaluate(limit=subset or None)
-                if subset:  # a subset: for the monitors only, the eval/* curves stay full-set
-                    metrics.update(trainer.monitors.heldout_metrics({**metrics, **held}))
-                else:
+                if not subset:
                     metrics.update(held)
-                    metrics.update(trainer.monitors.heldout_metrics(metrics))
+                metrics.update(trainer.monitors.heldout_metrics({**metrics, **held}))
             alarms = trainer.monitors.check(step, metrics)
             for alarm in alarms:
                 log.warning("%s", alarm.message)
