@@ -115,23 +115,19 @@ def bench_denoise(model, builder, task, lat_h, lat_w, backends, args, device) ->
     return rows
 
 
-COMPILE_DECODE = False  # --decode-compile
-
-
-def text_options(tokens: int) -> TextOptions:
+def text_options(tokens: int, compile: bool = False) -> TextOptions:
     """Fixed-length greedy decoding where the code supports it (`ignore_eos`); tokens are counted
-    as produced either way."""
+    as produced either way. `compile`: TextOptions.compile (asked for only when set, so a baseline
+    tree without the option still runs the eager step)."""
     try:
-        if COMPILE_DECODE:
-            return TextOptions(max_new_tokens=tokens, ignore_eos=True, compile=True)
-        return TextOptions(max_new_tokens=tokens, ignore_eos=True)
+        return TextOptions(max_new_tokens=tokens, ignore_eos=True, **({"compile": True} if compile else {}))
     except TypeError:  # a version without ignore_eos: rows stop at <|im_end|>
         return TextOptions(max_new_tokens=tokens)
 
 
 @torch.no_grad()
-def greedy(model, builder, samples, tokens: int):
-    return generate_text(model, builder, samples, text_options(tokens), list(range(len(samples))))
+def greedy(model, builder, samples, tokens: int, compile: bool = False):
+    return generate_text(model, builder, samples, text_options(tokens, compile), list(range(len(samples))))
 
 
 def bench_decode(model, builder, args, device) -> list[dict]:
@@ -147,16 +143,19 @@ def bench_decode(model, builder, args, device) -> list[dict]:
                           source=Visual(vit_tokens=torch.randn(576, hidden, generator=g).to(model.vae2llm.weight.dtype),
                                         vit_grid=grid)) for _ in range(batch)]
         n = args.decode_tokens
-        prefill = timed(functools.partial(greedy, model, builder, samples, 1), device, 1, 3)
-        total = timed(functools.partial(greedy, model, builder, samples, n + 1), device, 1, 3)
-        first = sum(len(o.token_ids) for o in greedy(model, builder, samples, 1))
-        made = sum(len(o.token_ids) for o in greedy(model, builder, samples, n + 1))
+        run = functools.partial(greedy, model, builder, samples, compile=args.decode_compile)
+
+        def measure(tokens: int, run=run) -> tuple[float, int]:
+            """(median seconds of a call of `tokens` tokens, tokens it produced over all rows)"""
+            return timed(functools.partial(run, tokens), device, 1, 3), sum(len(o.token_ids) for o in run(tokens))
+
+        prefill, first = measure(1)
+        total, made = measure(n + 1)
         decode = total - prefill
         tok_s = (made - first) / decode
         # the steady-state rate: the extra time and tokens of a call twice as long (what a call's
         # fixed costs, prefill and CUDA-graph capture included, add is cancelled out)
-        longer = timed(functools.partial(greedy, model, builder, samples, 2 * n + 1), device, 1, 3)
-        made_longer = sum(len(o.token_ids) for o in greedy(model, builder, samples, 2 * n + 1))
+        longer, made_longer = measure(2 * n + 1)
         per_token = (longer - total) / max((made_longer - made) / batch, 1)
         setup = decode - per_token * (made - first) / batch
         rows.append({"batch": batch, "tokens_requested": batch * n, "tokens_made": made - first, "prefill_s": prefill,
@@ -168,17 +167,17 @@ def bench_decode(model, builder, args, device) -> list[dict]:
     return rows
 
 
-def profile_decode(model, builder, tokens: int, device) -> None:
+def profile_decode(model, builder, tokens: int, device, compile: bool = False) -> None:
     """Kernels of one batch-1 greedy call (prefill, graph capture and replays) by GPU time."""
     from torch.profiler import ProfilerActivity, profile
 
     hidden = model.config.text.hidden_size
     sample = Sample("i2t", "Describe the image in detail.",
                     source=Visual(vit_tokens=torch.randn(576, hidden).to(model.vae2llm.weight.dtype), vit_grid=(1, 48, 48)))
-    greedy(model, builder, [sample], tokens)
+    greedy(model, builder, [sample], tokens, compile)
     sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        greedy(model, builder, [sample], tokens)
+        greedy(model, builder, [sample], tokens, compile)
         sync(device)
     print(prof.key_averages().table(sort_by="cuda_time_total" if device.type == "cuda" else "cpu_time_total",
                                     row_limit=25), flush=True)
@@ -204,8 +203,6 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    global COMPILE_DECODE
-    COMPILE_DECODE = args.decode_compile
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = build_model(args.preset, args.layers, device, dtype)
@@ -220,7 +217,7 @@ def main() -> None:
     if args.decode_tokens:
         results["decode"] = bench_decode(model, builder, args, device)
     if args.decode_profile:
-        profile_decode(model, builder, args.decode_profile, device)
+        profile_decode(model, builder, args.decode_profile, device, args.decode_compile)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_inference.json").write_text(json.dumps(results, indent=2))
