@@ -4,7 +4,7 @@ A diagnostic for the text-rendering recipe, outside the pipeline so that one var
 at a time: a fresh Lance of `--preset` (embeddings, head and ViT trainable) is trained on i2t
 samples rendered anew for every step (so no image repeats), then answers held-out renders by
 greedy decoding every `--eval-every` steps. Printed per evaluation: character accuracy
-(1 - edit distance per letter), exact match, first-letter accuracy and the number of distinct
+(the recipe's `char_accuracy`: 1 - edit distance per letter), exact match, first-letter accuracy and the number of distinct
 answers (1 means the answers do not depend on the image).
 
 Tasks (`--task`): `word` (read the word), `first` (its first letter: finding the leftmost glyph),
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from data_curation.synthetic import render_styled_text, resolve_fonts, text_style, vocabulary_split
+from jobs.recipe import char_accuracy
 from lance_model.config import LanceConfig
 from lance_model.encoders.vit import vit_patches
 from lance_model.generation import TextOptions, generate_text
@@ -40,15 +41,6 @@ from lance_model.tokenizer import ByteTokenizer
 
 QUESTION = "What does the image say?"
 TASKS = ("word", "first", "single", "prefix2", "prefix3", "colour")
-
-
-def edit_distance(a: str, b: str) -> int:
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
 
 
 class Renders:
@@ -158,7 +150,7 @@ def main() -> None:
             outs = [o.text for o in generate_text(model, builder, evals, TextOptions(max_new_tokens=12))]
         model.train()
         n = len(targets)
-        char = sum(max(0.0, 1 - edit_distance(o, t) / len(t)) for o, t in zip(outs, targets)) / n
+        char = sum(char_accuracy(o, t) for o, t in zip(outs, targets)) / n
         exact = sum(o == t for o, t in zip(outs, targets)) / n
         first = sum(bool(o) and o[0] == t[0] for o, t in zip(outs, targets)) / n
         print(f"EVAL step {step} char {char:.3f} exact {exact:.3f} first {first:.3f} distinct {len(set(outs))} "
