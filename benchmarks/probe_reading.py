@@ -13,6 +13,7 @@ are drawn, larger than a whole word's), `colour` (name the text colour: a global
 
     python benchmarks/probe_reading.py --preset tiny --task first --steps 600
     python benchmarks/probe_reading.py --preset tiny --task word --override '{"text": {"mrope_interleaved": true}}'
+    python benchmarks/probe_reading.py --preset tiny --task word --layout cells   # letter i in cell i
     python benchmarks/probe_reading.py --preset small --device cuda --bf16 --workers 6 --bs 64 --lr 5e-4
 """
 from __future__ import annotations
@@ -72,7 +73,7 @@ class Renders:
     def sample(self, word: str, seed: int) -> Sample:
         a = self.args
         image = render_styled_text(self.drawn(word), a.size, a.size, seed, self.fonts, self.backgrounds, 0.8,
-                                   named_colours=a.task == "colour")
+                                   named_colours=a.task == "colour", layout=a.layout, cells=a.cells)
         frames = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 255
         frames = F.interpolate(frames, size=(a.vit_size, a.vit_size), mode="bicubic", antialias=True,
                                align_corners=False).clamp(0, 1)
@@ -111,6 +112,8 @@ def main() -> None:
     p.add_argument("--fonts", default="default")
     p.add_argument("--backgrounds", default="plain")
     p.add_argument("--size", type=int, default=64, help="render size (pixels, square)")
+    p.add_argument("--layout", default="fitted", choices=("fitted", "cells"), help="text layout (render_styled_text)")
+    p.add_argument("--cells", type=int, default=6, help="letter cells across the image (--layout cells)")
     p.add_argument("--vit-size", type=int, default=168, help="ViT input size (a multiple of 28)")
     p.add_argument("--override", default="{}", help="LanceConfig overrides as JSON")
     p.add_argument("--device", default="cpu")

@@ -106,6 +106,10 @@ class SyntheticSpec:
     # "BALO" in white DejaVuSerif-Bold letters on a noisy navy background), so that a caption pins
     # the image down up to the glyphs' scale and placement
     captions: Literal["plain", "styled"] = "plain"
+    # how the text is laid out (`render_styled_text`, generated vocabulary only): `fitted` to the
+    # image; `cells`, a sign board of `cells` letter cells, the i-th letter of a line in the i-th cell
+    layout: Literal["fitted", "cells"] = "fitted"
+    cells: Annotated[int, Strict(), Field(ge=1, le=64)] = 6
 
     def validate(self, prefix: str) -> None:
         require(self.heldout == 0 or self.heldout < self.vocabulary, f"{prefix}.heldout", self.heldout,
@@ -114,6 +118,14 @@ class SyntheticSpec:
                 "'plain' unless a vocabulary is generated (styled captions describe the styled renders)")
         require(self.split == "train" or self.heldout > 0, f"{prefix}.split", self.split,
                 "'train' unless heldout > 0 (the held-out split is the held-out words)")
+        if self.layout == "cells":
+            from data_curation.synthetic import longest_line
+
+            require(self.vocabulary > 0, f"{prefix}.layout", self.layout,
+                    "'fitted' unless a vocabulary is generated (the cells layout draws generated words)")
+            longest = longest_line(self)
+            require(self.cells >= longest, f"{prefix}.cells", self.cells,
+                    f"at least {longest}, the letters of the longest line this source draws")
         if not isinstance(self.fonts, str):
             from data_curation.synthetic import resolve_fonts
 

@@ -242,28 +242,59 @@ def background(kind: str, bg: tuple[int, int, int], height: int, width: int, rng
 
 
 def render_styled_text(text: str, height: int, width: int, seed: int, fonts: tuple[str, ...],
-                       backgrounds: tuple[str, ...], min_scale: float, named_colours: bool = False) -> np.ndarray:
-    """RGB uint8 [H, W, 3]: `text` (a space starts a new line) in a font of `fonts`, fitted to ~90%
-    of the width and ~80% of the height, shrunk by a random factor in [min_scale, 1], placed at a
-    random offset inside the image, in a colour contrasting with a background of `backgrounds`
-    (`text_style` draws these from `seed`; `styled_caption` names them)."""
+                       backgrounds: tuple[str, ...], min_scale: float, named_colours: bool = False,
+                       layout: str = "fitted", cells: int = 6) -> np.ndarray:
+    """RGB uint8 [H, W, 3]: `text` (a space starts a new line) in a font of `fonts`, in a colour
+    contrasting with a background of `backgrounds` (`text_style` draws these from `seed`;
+    `styled_caption` names them), laid out by `layout`:
+
+    - `fitted`: the lines fitted to ~90% of the width and ~80% of the height, shrunk by a random
+      factor in [min_scale, 1], placed at a random offset;
+    - `cells`: a sign board of `cells` letter cells across the width, the i-th letter of a line
+      centred in the i-th cell from the left (glyphs as wide as a cell, shrunk by the same random
+      factor), the lines at a random height. Letter i then always sits in the same columns of the
+      image, whatever the word's length and font."""
     rng = random.Random(seed)
     style = text_style(rng, fonts, backgrounds, min_scale, named_colours)
-    lines = "\n".join(text.split())
+    lines = text.split()
+    canvas = Image.fromarray(background(style.background, style.bg, height, width, rng).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    if layout == "cells":
+        _draw_cells(draw, lines, height, width, cells, style, rng)
+        return np.asarray(canvas)
+    if layout != "fitted":
+        raise ValueError(f"layout={layout!r}: expected 'fitted' or 'cells'")
+    block = "\n".join(lines)
     probe_size = 64
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    left, top, right, bottom = probe.multiline_textbbox((0, 0), lines, font=_font(style.font, probe_size),
+    left, top, right, bottom = probe.multiline_textbbox((0, 0), block, font=_font(style.font, probe_size),
                                                         align="center")
     fit = min(0.9 * width / max(right - left, 1), 0.8 * height / max(bottom - top, 1))
     font = _font(style.font, max(6, int(probe_size * fit * style.scale)))
-    canvas = Image.fromarray(background(style.background, style.bg, height, width, rng).astype(np.uint8))
-    draw = ImageDraw.Draw(canvas)
-    left, top, right, bottom = draw.multiline_textbbox((0, 0), lines, font=font, align="center")
+    left, top, right, bottom = draw.multiline_textbbox((0, 0), block, font=font, align="center")
     slack_x, slack_y = max(width - (right - left), 0), max(height - (bottom - top), 0)
     x = int(rng.uniform(0.25, 0.75) * slack_x) - left
     y = int(rng.uniform(0.25, 0.75) * slack_y) - top
-    draw.multiline_text((x, y), lines, fill=style.fg, font=font, align="center")
+    draw.multiline_text((x, y), block, fill=style.fg, font=font, align="center")
     return np.asarray(canvas)
+
+
+def _draw_cells(draw: ImageDraw.ImageDraw, lines: list[str], height: int, width: int, cells: int,
+                style: TextStyle, rng: random.Random) -> None:
+    """The `cells` layout of `render_styled_text`: letter i of a line centred in cell i."""
+    longest = max((len(line) for line in lines), default=0)
+    if longest > cells:
+        raise ValueError(f"layout=cells: the line {max(lines, key=len)!r} has {longest} letters, more than "
+                         f"cells={cells}")
+    cell = width / cells
+    row = 0.8 * height / max(len(lines), 1)
+    # a glyph's width is about 0.6-0.8 of its font size in these faces: size 1.25 cells fills a cell
+    font = _font(style.font, max(6, int(min(1.25 * cell, 0.75 * row) * style.scale)))
+    top = rng.uniform(0.1, 0.2) * height  # the block's 80% of the height starts 10-20% down
+    for r, line in enumerate(lines):
+        y = top + (r + 0.5) * row
+        for i, ch in enumerate(line):
+            draw.text(((i + 0.5) * cell, y), ch, fill=style.fg, font=font, anchor="mm")
 
 
 def styled_caption(text: str, seed: int, fonts: tuple[str, ...], backgrounds: tuple[str, ...],
@@ -339,6 +370,12 @@ def _vocabulary_text(words: tuple[str, ...], rng: random.Random, spec, position:
     return rng.choice(words)
 
 
+def longest_line(spec) -> int:
+    """The most letters on one line of any text the spec's split can draw (a phrase's two words are
+    two lines; `letters_fraction` strings have at most 3)."""
+    return max(max(len(w) for w in split_words(spec)), 3 if getattr(spec, "letters_fraction", 0.0) else 0)
+
+
 def synthetic_specs(spec) -> list[dict]:
     """The items a `SyntheticSpec` describes: distinct words per kind (cycling through WORDS), or
     words and phrases of the spec's split of a generated vocabulary."""
@@ -370,7 +407,8 @@ def _render_image(spec: dict, text: str, seed: int) -> np.ndarray:
         return render_text_image(text, h, w, seed)
     fonts = resolve_fonts(spec.get("fonts", DEFAULT_FONT))
     return render_styled_text(text, h, w, seed, fonts, tuple(spec["backgrounds"]), spec["min_text_scale"],
-                              named_colours=_styled(spec))
+                              named_colours=_styled(spec), layout=spec.get("layout", "fitted"),
+                              cells=spec.get("cells", 6))
 
 
 def t2i_caption(spec: dict, text: str, seed: int) -> str:
