@@ -3,7 +3,6 @@ update shards its policy with the same `apply_fsdp`) and are re-exported here un
 from __future__ import annotations
 
 from lance_platform.parallel import (
-    all_finite,
     all_reduce_sum,
     apply_activation_checkpointing,
     apply_fsdp,
@@ -17,5 +16,5 @@ from lance_platform.parallel import (
     world,
 )
 
-__all__ = ["all_finite", "all_reduce_sum", "apply_activation_checkpointing", "apply_fsdp", "distributed",
+__all__ = ["all_reduce_sum", "apply_activation_checkpointing", "apply_fsdp", "distributed",
            "fill_local", "free_port", "full_tensor", "init_group", "local_part", "root_forward", "world"]

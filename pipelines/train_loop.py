@@ -793,6 +793,21 @@ def train_loop(config: dict[str, Any]) -> None:
         tracker.set_tags({"final_step": str(stage.steps - 1)})
 
 
+def optimizer_step(loss: torch.Tensor, params: list, optimizer: torch.optim.Optimizer, grad_clip: float,
+                   after: Callable[[], None]) -> tuple[float, bool]:
+    """Backward, clip and step -> (global gradient norm, skipped). The norm is the step's one wait for
+    the GPU (everything before it is queued without one): a non-finite loss or gradient on any rank
+    makes it non-finite on every rank, and then no rank steps (nor calls `after`, the EMA update)."""
+    loss.backward()
+    grad_norm = float(parallel.full_tensor(torch.nn.utils.clip_grad_norm_(params, grad_clip)))
+    skipped = not math.isfinite(grad_norm)
+    if not skipped:
+        optimizer.step()
+        after()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, skipped
+
+
 def _steps(stage: StageConfig, model: Lance, model_config: LanceConfig, ahead: Prefetcher | ProcessPrefetcher,
            start: int, optimizer,
            scheduler, params: list, ema: Ema | None, packer: Packer, builder: SequenceBuilder, holdout_rows: list[dict],
@@ -811,25 +826,17 @@ def _steps(stage: StageConfig, model: Lance, model_config: LanceConfig, ahead: P
         t0 = time.perf_counter()
         batch, stats, data_state, skipped_total, rows_read = ahead.get(step)
         wait = time.perf_counter() - t0
+        # counted on the host copy of the pack: no wait for the GPU
+        counts = [batch.ce_index.numel(), int(batch.vae_noisy.sum()), batch.num_tokens]
         batch = batch.to(device)
-        ce_n, mse_n, tokens = parallel.all_reduce_sum(
-            [batch.ce_index.numel(), int(batch.vae_noisy.sum()), batch.num_tokens], device)
+        ce_n, mse_n, tokens = parallel.all_reduce_sum(counts, device)
         gen = torch.Generator(device=device).manual_seed((stage.seed * 1_000_003 + step) * 1_009 + rank)
         out = model(batch, generator=gen, ce_count=int(ce_n), mse_count=int(mse_n), text_vocab=len(builder.tok))
         # Each rank's loss is its share of the global mean; FSDP averages gradients over ranks.
-        loss = out.loss * world
-        skipped = not parallel.all_finite(out.loss.detach())
+        grad_norm, skipped = optimizer_step(out.loss * world, params, optimizer, o.grad_clip,
+                                            lambda: ema.update(model) if ema is not None else None)
         if skipped:
-            optimizer.zero_grad(set_to_none=True)
-            log.warning("step %d: non-finite loss on some rank; the step is skipped on all ranks", step)
-            grad_norm = float("nan")
-        else:
-            loss.backward()
-            grad_norm = float(parallel.full_tensor(torch.nn.utils.clip_grad_norm_(params, o.grad_clip)))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(model)
+            log.warning("step %d: non-finite loss or gradient on some rank; the step is skipped on all ranks", step)
         scheduler.step()
         dt = time.perf_counter() - t0
         if profiler is not None:
