@@ -503,6 +503,7 @@ def resolve_noise_steps(noise_steps: str | list[int] | None, options: SamplerOpt
     return steps
 
 
+@torch.no_grad()
 def run_sampler(session: DenoisingSession, seeds: list[int], noise_steps: str | list[int] | None = "auto",
                 progress: bool = False, return_trajectory: bool = False) -> LatentResult:
     """THE sampler loop (generation, validation and RL all run it): denoise from seeded noise with
@@ -511,7 +512,9 @@ def run_sampler(session: DenoisingSession, seeds: list[int], noise_steps: str | 
 
     All noise is drawn up front from one generator per sample on the session's device (a seed gives
     the same latents on the same device, whatever the batch); the loop itself never waits on the
-    host. The flow update and the log-probs run in float32."""
+    host. The flow update and the log-probs run in float32. No autograd graph is kept (a trainable
+    model sampled outside `torch.no_grad` would otherwise hold every step's activations); the RL
+    update recomputes the log-probs it differentiates."""
     options = session.options
     if noise_steps == "auto":
         noise_steps = "all" if options.noise_level is not None else None
@@ -559,6 +562,7 @@ def run_sampler(session: DenoisingSession, seeds: list[int], noise_steps: str | 
     return LatentResult(latents, timesteps, log_probs if sde else None, trajectory, sde)
 
 
+@torch.no_grad()
 def sample_latents(model: Lance, builder: SequenceBuilder, samples: list[Sample], seeds: list[int],
                    options: SamplerOptions, use_cache: bool = True, progress: bool = False,
                    return_trajectory: bool = False, noise_steps: str | list[int] | None = "auto") -> LatentResult:
@@ -672,6 +676,7 @@ def _with_answer(rendered: RenderedSample, ids: list[int]) -> RenderedSample:
     return RenderedSample(rendered.task, splits, mape_positions(splits))
 
 
+@torch.no_grad()
 def generate_text(model: Lance, builder: SequenceBuilder, samples: list[Sample], options: TextOptions,
                   seeds: list[int] | None = None, use_cache: bool = True) -> list[GeneratedText]:
     """Answer x2t prompts (rendered through `assistant\\n`); one seeded generator per prompt. A

@@ -386,3 +386,14 @@ def test_graph_decoding_is_not_broken_by_another_thread_pinning_memory(gen):
             thread.join()
     for run in runs:
         assert [r.token_ids for r in run] == [e.token_ids for e in eager]
+
+
+def test_sampling_keeps_no_autograd_graph_of_a_trainable_model(gen):
+    """Sampling a model whose weights require grad, outside `torch.no_grad` (a training loop's
+    validation, a probe): no step's activations are kept for a backward that never comes."""
+    assert any(p.requires_grad for p in gen.model.parameters())
+    samples = [gen.prepare(REQUESTS["t2i"](p, s)) for p, s in (("a cat", 0), ("a dog", 1))]
+    out = sample_latents(gen.model, gen.builder, samples, [0, 1], SamplerOptions(**FAST))
+    assert torch.is_grad_enabled() and not out.latents.requires_grad and out.latents.grad_fn is None
+    answers = generate_text(gen.model, gen.builder, x2t_samples(gen), TextOptions(max_new_tokens=3))
+    assert answers and torch.is_grad_enabled()
