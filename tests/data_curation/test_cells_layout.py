@@ -67,7 +67,7 @@ def test_the_corpus_renders_cells_and_ocr_reads_them():
     from rl.ocr import build_ocr_engine
     from rl.rewards import OcrReward
 
-    spec = SyntheticSpec(images=12, videos=0, edits=0, qa=2, height=64, width=64, vocabulary=300, heldout=20,
+    spec = SyntheticSpec(images=6, videos=0, edits=0, qa=2, height=64, width=64, vocabulary=300, heldout=20,
                          split="heldout", fonts=FONTS, backgrounds=("plain", "gradient", "noise"),
                          min_text_scale=0.8, captions="styled", layout="cells")
     as_dict = dataclasses.asdict(spec)
