@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,6 +36,7 @@ from jobs.recipe import char_accuracy
 from lance_model.config import LanceConfig
 from lance_model.encoders.vit import vit_patches
 from lance_model.generation import TextOptions, generate_text
+from lance_model.heads import sincos_1d
 from lance_model.model import Lance
 from lance_model.packing import pack_samples
 from lance_model.sequence import Sample, SequenceBuilder, Visual
@@ -74,12 +76,42 @@ class Renders:
         a = self.args
         image = render_styled_text(self.drawn(word), a.size, a.size, seed, self.fonts, self.backgrounds, 0.8,
                                    named_colours=a.task == "colour", layout=a.layout, cells=a.cells)
+        if a.grey:
+            image = grey(image)
         frames = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 255
         frames = F.interpolate(frames, size=(a.vit_size, a.vit_size), mode="bicubic", antialias=True,
                                align_corners=False).clamp(0, 1)
         patches, grid = vit_patches(frames, self.config.vit)
         return Sample("i2t", QUESTION, answer=self.answer(word, seed),
                       source=Visual(vit_patches=patches, vit_grid=tuple(grid.tolist())))
+
+
+def grey(image: np.ndarray) -> np.ndarray:
+    """Contrast-stretched grey (the text's polarity stays as drawn): the render without its colours."""
+    g = image.astype(np.float32).mean(axis=2, keepdims=True)
+    g = (g - g.min()) / max(float(g.max() - g.min()), 1.0) * 255
+    return np.repeat(g, 3, axis=2).astype(np.uint8)
+
+
+def add_vit_positions(model: Lance) -> None:
+    """A 2-D sin-cos table (row, column of the merged grid) added to the merged ViT tokens before the
+    language model, so each token carries its place in its content (the tower's own rotary positions
+    are relative, and M-RoPE tells columns apart only by slow frequencies)."""
+    plain = model.vit_embeddings
+    merge = model.config.vit.spatial_merge_size
+
+    def with_positions(batch):
+        out = plain(batch)
+        rows = []
+        for t, h, w in batch.vit_grids.tolist():
+            hh, ww = h // merge, w // merge
+            r = torch.arange(hh).repeat_interleave(ww).repeat(t)
+            c = torch.arange(ww).repeat(t * hh)
+            half = out.shape[1] // 2
+            rows.append(torch.cat([sincos_1d(half, r), sincos_1d(out.shape[1] - half, c)], dim=1))
+        return out + torch.cat(rows).to(out) if rows else out
+
+    model.vit_embeddings = with_positions
 
 
 class Batches(torch.utils.data.IterableDataset):
@@ -114,6 +146,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64, help="render size (pixels, square)")
     p.add_argument("--layout", default="fitted", choices=("fitted", "cells"), help="text layout (render_styled_text)")
     p.add_argument("--cells", type=int, default=6, help="letter cells across the image (--layout cells)")
+    p.add_argument("--grey", action="store_true", help="contrast-stretched grey renders (no colours)")
+    p.add_argument("--vit-positions", action="store_true", help="add a 2-D sin-cos table to the ViT tokens")
     p.add_argument("--vit-size", type=int, default=168, help="ViT input size (a multiple of 28)")
     p.add_argument("--override", default="{}", help="LanceConfig overrides as JSON")
     p.add_argument("--device", default="cpu")
@@ -131,6 +165,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = Lance(config)
     model.init_weights()
+    if a.vit_positions:
+        add_vit_positions(model)
     model.to(device)
     builder = SequenceBuilder(ByteTokenizer())
     train, heldout = vocabulary_split(2400, 200, 0)
