@@ -72,18 +72,39 @@ class Renders:
             return text_style(random.Random(seed), self.fonts, self.backgrounds, 0.8, True).fg_name.upper()
         return word
 
-    def sample(self, word: str, seed: int) -> Sample:
+    def sample(self, word: str, seed: int, progress: float = 1.0) -> Sample:
         a = self.args
-        image = render_styled_text(self.drawn(word), a.size, a.size, seed, self.fonts, self.backgrounds, 0.8,
-                                   named_colours=a.task == "colour", layout=a.layout, cells=a.cells)
+        height = a.height or a.size
+        if a.shrink:
+            image = self.shrunk(word, seed, height, progress)
+        else:
+            image = render_styled_text(self.drawn(word), height, a.size, seed, self.fonts, self.backgrounds, 0.8,
+                                       named_colours=a.task == "colour", layout=a.layout, cells=a.cells)
         if a.grey:
             image = grey(image)
         frames = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 255
-        frames = F.interpolate(frames, size=(a.vit_size, a.vit_size), mode="bicubic", antialias=True,
+        frames = F.interpolate(frames, size=(a.vit_height or a.vit_size, a.vit_size), mode="bicubic", antialias=True,
                                align_corners=False).clamp(0, 1)
         patches, grid = vit_patches(frames, self.config.vit)
-        return Sample("i2t", QUESTION, answer=self.answer(word, seed),
+        return Sample("i2t", a.question, answer=self.answer(word, seed), system=a.system,
                       source=Visual(vit_patches=patches, vit_grid=tuple(grid.tolist())))
+
+
+    def shrunk(self, word: str, seed: int, height: int, progress: float) -> np.ndarray:
+        """`--shrink`: the text fitted into a box whose side falls linearly from the whole image
+        (progress 0) to `--final-box` of it (progress 1), pasted at a random place on the image's
+        background (plain backgrounds: the box and the image share the style's colour)."""
+        a = self.args
+        side = 1.0 - (1.0 - a.final_box) * min(max(progress, 0.0), 1.0)
+        bh, bw = max(8, round(height * side)), max(8, round(a.size * side))
+        box = render_styled_text(self.drawn(word), bh, bw, seed, self.fonts, self.backgrounds, 0.8,
+                                 named_colours=a.task == "colour", layout=a.layout, cells=a.cells)
+        image = render_styled_text("", height, a.size, seed, self.fonts, self.backgrounds, 0.8,
+                                   named_colours=a.task == "colour", layout=a.layout, cells=a.cells).copy()
+        rng = random.Random(seed ^ 0x5EED)
+        y, x = rng.randint(0, height - bh), rng.randint(0, a.size - bw)
+        image[y:y + bh, x:x + bw] = box
+        return image
 
 
 def grey(image: np.ndarray) -> np.ndarray:
@@ -125,8 +146,13 @@ class Batches(torch.utils.data.IterableDataset):
         rng = random.Random(1 + (info.id if info else 0) * 7777)
         if info is not None:
             torch.set_num_threads(1)
+        workers, batches = (info.num_workers if info else 1), 0
+        shrink = self.renders.args.shrink
         while True:
-            samples = [self.renders.sample(rng.choice(self.words), rng.getrandbits(31)) for _ in range(self.batch_size)]
+            progress = batches * workers / shrink if shrink else 1.0  # about the training step's share of --shrink
+            batches += 1
+            samples = [self.renders.sample(rng.choice(self.words), rng.getrandbits(31), progress)
+                       for _ in range(self.batch_size)]
             yield pack_samples(samples, self.builder, self.renders.config)
 
 
@@ -135,6 +161,7 @@ def main() -> None:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--task", default="word", choices=TASKS)
     p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--minutes", type=float, default=0.0, help="stop after this much training time (evaluations not counted)")
     p.add_argument("--bs", type=int, default=32, help="samples per step")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--vit-lr-mult", type=float, default=1.0, help="the ViT's learning rate over --lr")
@@ -143,13 +170,21 @@ def main() -> None:
     p.add_argument("--eval-n", type=int, default=48, help="held-out words evaluated")
     p.add_argument("--fonts", default="default")
     p.add_argument("--backgrounds", default="plain")
-    p.add_argument("--size", type=int, default=64, help="render size (pixels, square)")
+    p.add_argument("--size", type=int, default=64, help="render width (pixels)")
+    p.add_argument("--height", type=int, default=0, help="render height (pixels; 0: --size, a square)")
     p.add_argument("--layout", default="fitted", choices=("fitted", "cells"), help="text layout (render_styled_text)")
     p.add_argument("--cells", type=int, default=6, help="letter cells across the image (--layout cells)")
+    p.add_argument("--shrink", type=int, default=0,
+                   help="curriculum: over this many steps the text's box shrinks from the whole image to --final-box "
+                        "(evaluation at --final-box)")
+    p.add_argument("--final-box", type=float, default=0.25, help="the text box's final side over the image's (--shrink)")
     p.add_argument("--grey", action="store_true", help="contrast-stretched grey renders (no colours)")
     p.add_argument("--vit-positions", action="store_true", help="add a 2-D sin-cos table to the ViT tokens")
-    p.add_argument("--vit-size", type=int, default=168, help="ViT input size (a multiple of 28)")
+    p.add_argument("--vit-size", type=int, default=168, help="ViT input width (a multiple of 28)")
+    p.add_argument("--vit-height", type=int, default=0, help="ViT input height (a multiple of 28; 0: --vit-size)")
     p.add_argument("--override", default="{}", help="LanceConfig overrides as JSON")
+    p.add_argument("--question", default=QUESTION, help="the i2t question (caption)")
+    p.add_argument("--system", default=None, help="the system prompt (default: the released x2t prompt)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--workers", type=int, default=0, help="DataLoader processes rendering and packing")
@@ -195,8 +230,12 @@ def main() -> None:
         print(f"EVAL step {step} char {char:.3f} exact {exact:.3f} first {first:.3f} distinct {len(set(outs))} "
               f"e.g. {outs[:4]} vs {targets[:4]}", flush=True)
 
-    start, losses = time.time(), []
+    start, losses, trained = time.time(), [], 0.0
     for step in range(1, a.steps + 1):
+        if a.minutes > 0 and trained >= a.minutes * 60:
+            evaluate(step - 1)
+            break
+        t0 = time.time()
         for group, lr in zip(opt.param_groups, base):
             group["lr"] = lr * min(1.0, step / a.warmup)
         batch = next(loader).to(device)
@@ -207,8 +246,10 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(out.ce.item())
+        trained += time.time() - t0
         if step % 25 == 0:
-            print(f"step {step} ce {sum(losses[-25:]) / 25:.3f} {time.time() - start:.0f}s", flush=True)
+            print(f"step {step} ce {sum(losses[-25:]) / 25:.3f} {time.time() - start:.0f}s ({trained:.0f}s training)",
+                  flush=True)
         if step % a.eval_every == 0:
             evaluate(step)
 
