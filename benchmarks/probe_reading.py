@@ -11,10 +11,16 @@ Tasks (`--task`): `word` (read the word), `first` (its first letter: finding the
 `single` (a lone letter, drawn large), `prefix2` / `prefix3` (only the word's first 2 / 3 letters
 are drawn, larger than a whole word's), `colour` (name the text colour: a global feature).
 
+Curricula: `--grow N` (task `word`) draws the first k letters of the word, k growing from 1 to the
+whole word over N steps, fitted to the image (so the glyphs start large and shrink as letters are
+added); `--shrink N` fits the text into a box that shrinks from the whole image to `--final-box` of
+it. Evaluations then score the held-out words both as finally drawn and as drawn at that step.
+
     python benchmarks/probe_reading.py --preset tiny --task first --steps 600
     python benchmarks/probe_reading.py --preset tiny --task word --override '{"text": {"mrope_interleaved": true}}'
     python benchmarks/probe_reading.py --preset tiny --task word --layout cells   # letter i in cell i
     python benchmarks/probe_reading.py --preset small --device cuda --bf16 --workers 6 --bs 64 --lr 5e-4
+    python benchmarks/probe_reading.py --preset nano --device cuda --bf16 --workers 2 --bs 64 --lr 5e-4 --task word --grow 3000
 """
 from __future__ import annotations
 
@@ -54,16 +60,20 @@ class Renders:
         self.fonts = resolve_fonts(args.fonts.split(","))
         self.backgrounds = tuple(args.backgrounds.split(","))
 
-    def drawn(self, word: str) -> str:
+    def drawn(self, word: str, progress: float = 1.0) -> str:
         task = self.args.task
+        if self.args.grow:  # curriculum: the word's first k letters, k growing from 1 to all of them
+            return word[: max(1, round(1 + min(max(progress, 0.0), 1.0) * (len(word) - 1)))]
         if task == "single":
             return word[0]
         if task.startswith("prefix"):
             return word[: int(task[-1])]
         return word
 
-    def answer(self, word: str, seed: int) -> str:
+    def answer(self, word: str, seed: int, progress: float = 1.0) -> str:
         task = self.args.task
+        if self.args.grow:
+            return self.drawn(word, progress)
         if task in ("first", "single"):
             return word[0]
         if task.startswith("prefix"):
@@ -78,7 +88,7 @@ class Renders:
         if a.shrink:
             image = self.shrunk(word, seed, height, progress)
         else:
-            image = render_styled_text(self.drawn(word), height, a.size, seed, self.fonts, self.backgrounds, 0.8,
+            image = render_styled_text(self.drawn(word, progress), height, a.size, seed, self.fonts, self.backgrounds, 0.8,
                                        named_colours=a.task == "colour", layout=a.layout, cells=a.cells)
         if a.grey:
             image = grey(image)
@@ -86,7 +96,7 @@ class Renders:
         frames = F.interpolate(frames, size=(a.vit_height or a.vit_size, a.vit_size), mode="bicubic", antialias=True,
                                align_corners=False).clamp(0, 1)
         patches, grid = vit_patches(frames, self.config.vit)
-        return Sample("i2t", a.question, answer=self.answer(word, seed), system=a.system,
+        return Sample("i2t", a.question, answer=self.answer(word, seed, progress), system=a.system,
                       source=Visual(vit_patches=patches, vit_grid=tuple(grid.tolist())))
 
 
@@ -147,9 +157,9 @@ class Batches(torch.utils.data.IterableDataset):
         if info is not None:
             torch.set_num_threads(1)
         workers, batches = (info.num_workers if info else 1), 0
-        shrink = self.renders.args.shrink
+        span = self.renders.args.shrink or self.renders.args.grow
         while True:
-            progress = batches * workers / shrink if shrink else 1.0  # about the training step's share of --shrink
+            progress = batches * workers / span if span else 1.0  # about the training step's share of --shrink
             batches += 1
             samples = [self.renders.sample(rng.choice(self.words), rng.getrandbits(31), progress)
                        for _ in range(self.batch_size)]
@@ -177,6 +187,9 @@ def main() -> None:
     p.add_argument("--shrink", type=int, default=0,
                    help="curriculum: over this many steps the text's box shrinks from the whole image to --final-box "
                         "(evaluation at --final-box)")
+    p.add_argument("--grow", type=int, default=0,
+                   help="curriculum (task word): over this many steps the drawn text grows from the word's first "
+                        "letter to the whole word, fitted to the image (evaluation on whole words)")
     p.add_argument("--final-box", type=float, default=0.25, help="the text box's final side over the image's (--shrink)")
     p.add_argument("--grey", action="store_true", help="contrast-stretched grey renders (no colours)")
     p.add_argument("--vit-positions", action="store_true", help="add a 2-D sin-cos table to the ViT tokens")
@@ -207,7 +220,6 @@ def main() -> None:
     train, heldout = vocabulary_split(2400, 200, 0)
     renders = Renders(a, config)
     evals = [renders.sample(w, 10_000_000 + i) for i, w in enumerate(heldout[: a.eval_n])]
-    targets = [s.answer for s in evals]
 
     vit = [q for n, q in model.named_parameters() if q.requires_grad and n.startswith("vit_model")]
     rest = [q for n, q in model.named_parameters() if q.requires_grad and not n.startswith("vit_model")]
@@ -218,17 +230,27 @@ def main() -> None:
                                               num_workers=a.workers, pin_memory=device.type == "cuda"))
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16)
 
-    def evaluate(step: int) -> None:
+    def score(samples: list[Sample]) -> str:
         model.eval()
         with torch.no_grad(), autocast():
-            outs = [o.text for o in generate_text(model, builder, evals, TextOptions(max_new_tokens=12))]
+            outs = [o.text for o in generate_text(model, builder, samples, TextOptions(max_new_tokens=12))]
         model.train()
-        n = len(targets)
-        char = sum(char_accuracy(o, t) for o, t in zip(outs, targets)) / n
-        exact = sum(o == t for o, t in zip(outs, targets)) / n
-        first = sum(bool(o) and o[0] == t[0] for o, t in zip(outs, targets)) / n
-        print(f"EVAL step {step} char {char:.3f} exact {exact:.3f} first {first:.3f} distinct {len(set(outs))} "
-              f"e.g. {outs[:4]} vs {targets[:4]}", flush=True)
+        truth = [s.answer for s in samples]
+        n = len(truth)
+        char = sum(char_accuracy(o, t) for o, t in zip(outs, truth)) / n
+        exact = sum(o == t for o, t in zip(outs, truth)) / n
+        first = sum(bool(o) and o[0] == t[0] for o, t in zip(outs, truth)) / n
+        return (f"char {char:.3f} exact {exact:.3f} first {first:.3f} distinct {len(set(outs))} "
+                f"e.g. {outs[:4]} vs {truth[:4]}")
+
+    span = a.shrink or a.grow
+
+    def evaluate(step: int) -> None:
+        line = f"EVAL step {step} {score(evals)}"
+        if span and step < span:  # the held-out words as the curriculum draws them at this step
+            now = [renders.sample(w, 10_000_000 + i, step / span) for i, w in enumerate(heldout[: a.eval_n])]
+            line += f" | at this step's stage ({step / span:.2f}): {score(now)}"
+        print(line, flush=True)
 
     start, losses, trained = time.time(), [], 0.0
     for step in range(1, a.steps + 1):
