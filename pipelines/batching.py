@@ -36,7 +36,7 @@ from lance_model.packing import PackedBatch, pack_rendered
 from lance_model.sequence import RenderedSample, SequenceBuilder
 from lance_platform.schema import row_to_sample
 
-from .config import MixtureConfig
+from .config import MixtureConfig, TaskGroup
 
 log = logging.getLogger(__name__)
 MAX_SKIPS_PER_PACK = 1000
@@ -67,6 +67,8 @@ class RowSource(Protocol):
 
     def tasks(self) -> list[str | None]: ...
 
+    def uris(self) -> list[str | None]: ...
+
     def fetch(self, indices: Sequence[int]) -> list[dict]: ...
 
 
@@ -79,6 +81,9 @@ class ListRows:
 
     def tasks(self) -> list[str | None]:
         return [r.get("task") for r in self.rows]
+
+    def uris(self) -> list[str | None]:
+        return [r.get("source_uri") for r in self.rows]
 
     def fetch(self, indices: Sequence[int]) -> list[dict]:
         self.rows_read += len(indices)
@@ -115,9 +120,15 @@ class ShardRows:
         self._files: dict[int, Any] = {}
 
     def tasks(self) -> list[str | None]:
-        out: list[str | None] = []
+        return self._column("task")
+
+    def uris(self) -> list[str | None]:
+        return self._column("source_uri")
+
+    def _column(self, name: str) -> list:
+        out: list = []
         for f in self.files:
-            out.extend(self._pq.read_table(f, columns=["task"]).column("task").to_pylist())
+            out.extend(self._pq.read_table(f, columns=[name]).column(name).to_pylist())
         return out
 
     def _group_table(self, gi: int):
@@ -196,6 +207,23 @@ def resplit_group(deals: Sequence[dict], world: int, block: int) -> list[Deal]:
     return [Deal(list(leftover), nxt, world, r, block) for r in range(world)]
 
 
+def group_members(source: RowSource, groups: dict[str, tuple[str, ...] | TaskGroup]) -> dict[str, list[int]]:
+    """The row indexes of every group, in dataset order: the rows of its tasks (a `TaskGroup` with
+    `uri_prefixes`: only those whose source_uri starts with one of them; the source_uri column is
+    read only then). A row in no group is not trained on; a row is in at most one group (the stage
+    config refuses groups that overlap; here the first one takes it)."""
+    specs = {g: spec if isinstance(spec, TaskGroup) else TaskGroup(tasks=tuple(spec)) for g, spec in groups.items()}
+    tasks = source.tasks()
+    uris = source.uris() if any(spec.uri_prefixes for spec in specs.values()) else [None] * len(tasks)
+    members: dict[str, list[int]] = {g: [] for g in specs}
+    for i, (task, uri) in enumerate(zip(tasks, uris)):
+        for g, spec in specs.items():
+            if spec.takes(task, uri):
+                members[g].append(i)
+                break
+    return members
+
+
 class GroupStreams:
     """This worker's rows of every task group, read from `source` on demand.
 
@@ -206,19 +234,14 @@ class GroupStreams:
     nothing it does not need), and re-splits when the saved states come from another world size.
     """
 
-    def __init__(self, source: RowSource | Sequence[dict], groups: dict[str, tuple[str, ...]],
+    def __init__(self, source: RowSource | Sequence[dict], groups: dict[str, tuple[str, ...] | TaskGroup],
                  rank: int = 0, world: int = 1, holdout: int | dict[str, int] = 0, block: int = 1) -> None:
         self.source: RowSource = source if hasattr(source, "fetch") else ListRows(source)  # type: ignore[arg-type]
         self.rank, self.world, self.block = rank, world, max(int(block), 1)
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not in a world of {world}")
-        group_of = {task: g for g, tasks in groups.items() for task in tasks}
         self.holdout = {g: int(holdout.get(g, 0) if isinstance(holdout, dict) else holdout) for g in groups}
-        members: dict[str, list[int]] = {g: [] for g in groups}
-        for i, task in enumerate(self.source.tasks()):
-            g = group_of.get(task)
-            if g is not None:
-                members[g].append(i)
+        members = group_members(self.source, groups)
         self.held = {g: rows[:self.holdout[g]] for g, rows in members.items()}
         self.members = {g: rows[self.holdout[g]:] for g, rows in members.items()}
         self.deals = {g: Deal([], 0, world, rank, self.block) for g in groups}
@@ -347,8 +370,8 @@ class Packer:
 
     def next_pack(self, step: int) -> tuple[PackedBatch, PackStats]:
         """Draw groups i.i.d. by the step's weights and take their next samples until one does not
-        fit; that draw becomes the first of the next pack, so every draw is eventually taken and the
-        taken task frequencies follow the configured weights."""
+        fit; that draw becomes the first of the next pack (unless a schedule has brought its group's
+        weight to 0), so the taken task frequencies follow the configured weights."""
         rng = step_rng(self.seed, step, self.rank)
         weights = mixture_weights(self.mixture, step)
         names = [k for k, w in weights.items() if w > 0]
@@ -357,7 +380,8 @@ class Packer:
         stats = PackStats()
         used = 0
         while True:
-            group = self.pending if self.pending in weights else rng.choices(names, probs)[0]
+            # the draw that did not fit the last pack comes first, unless its group's weight is now 0
+            group = self.pending if weights.get(self.pending, 0) > 0 else rng.choices(names, probs)[0]
             self.pending = None
             r = self.render(self.streams.peek(group), random.Random(rng.random()))
             if len(r) > self.max_sample_tokens:

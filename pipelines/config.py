@@ -1,8 +1,9 @@
 """Stage and pipeline configs (configs/stages/*.yaml): validated before Ray starts.
 
 A stage (PT, CT or SFT) says where its weights start, which curated shards it reads, how task
-groups are mixed (with an optional progressive schedule that moves each group's weight from
-`weight` to `end_weight` over `ramp_steps`), how samples are packed, the optimiser and LR schedule,
+groups are mixed (a group is rows of some tasks, optionally only those of some sources by
+`uri_prefixes`; an optional progressive schedule moves each group's weight from `weight` to
+`end_weight` over `ramp_steps`, e.g. a curriculum from easy sources to hard ones), how samples are packed, the optimiser and LR schedule,
 checkpoint cadence, EMA, validation and the Ray Train scaling, and optional LoRA adapters (`lora`,
 `lance_platform.lora.LoraConfig`: with `lora.enabled` only the adapters train). Every mistake is
 reported with the dotted field name, the value and what was expected.
@@ -29,6 +30,7 @@ from lance_platform.config import ConfigError, load_config
 from lance_platform.lora import LoraConfig
 
 InitKind = Literal["preset", "previous", "lance", "qwen25vl"]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
 Schedule = Literal["constant", "cosine"]
 INIT_KINDS: tuple[str, ...] = InitKind.__args__
 SCHEDULES: tuple[str, ...] = Schedule.__args__
@@ -42,6 +44,13 @@ class TaskGroup:
     tasks: Annotated[tuple[str, ...], Field(min_length=1)] = ("t2i",)
     weight: NonNegativeFloat = 1.0
     end_weight: NonNegativeFloat | None = None  # progressive schedule target (None: constant weight)
+    # only the rows of `tasks` whose source_uri starts with one of these: `synthetic://<name>/` for a
+    # synthetic source, a folder or bucket path for files (a mixture over sources); empty: every row
+    uri_prefixes: tuple[NonEmptyStr, ...] = ()
+
+    def takes(self, task: str | None, uri: str | None) -> bool:
+        return task in self.tasks and (not self.uri_prefixes or any(str(uri or "").startswith(p)
+                                                                     for p in self.uri_prefixes))
 
 
 @configclass
@@ -57,6 +66,17 @@ class MixtureConfig:
             for t in g.tasks:
                 require(t in SHARD_TASKS, f"mixture.groups.{name}.tasks", list(g.tasks),
                         f"tasks among {SHARD_TASKS} ({t!r} is not)")
+        names = list(self.groups)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                shared = sorted(set(self.groups[a].tasks) & set(self.groups[b].tasks))
+                if shared:
+                    pa, pb = self.groups[a].uri_prefixes, self.groups[b].uri_prefixes
+                    overlap = not pa or not pb or any(x.startswith(y) or y.startswith(x) for x in pa for y in pb)
+                    require(not overlap, f"mixture.groups.{b}", {"tasks": list(self.groups[b].tasks),
+                                                                 "uri_prefixes": list(pb)},
+                            f"rows in no other group: it shares tasks {shared} with group {a!r} "
+                            f"(uri_prefixes {list(pa)}); give both groups uri_prefixes that do not overlap")
         require(sum(g.weight for g in self.groups.values()) > 0, "mixture.groups.*.weight",
                 {k: g.weight for k, g in self.groups.items()}, "weights with a positive sum")
         ends = [g.end_weight if g.end_weight is not None else g.weight for g in self.groups.values()]

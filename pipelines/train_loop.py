@@ -720,7 +720,7 @@ def train_loop(config: dict[str, Any]) -> None:
     builder = SequenceBuilder(load_tokenizer(model_config.tokenizer),
                               model_config.vit.spatial_merge_size if model_config.vit else 2)
     # this worker reads only its own rows of the shards (see pipelines.batching)
-    streams = GroupStreams(ShardRows(config["files"]), {n: g.tasks for n, g in stage.mixture.groups.items()}, rank,
+    streams = GroupStreams(ShardRows(config["files"]), dict(stage.mixture.groups), rank,
                            world, holdout=config.get("holdout", stage.data.holdout_per_group),
                            block=int(config.get("split_block", 1)))
     holdout_rows = streams.holdout_rows()

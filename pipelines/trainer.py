@@ -80,6 +80,7 @@ class DataPlan:
     files: list[str]
     task_counts: dict[str, int]  # rows per shard task
     holdout: dict[str, int] = field(default_factory=dict)  # validation rows held out per task group
+    group_rows: dict[str, int] = field(default_factory=dict)  # rows per task group (before the hold-out)
     tokenizer: dict | None = None  # the shards' tokenizer record
 
 
@@ -108,8 +109,21 @@ def task_counts(shards: str | Path, files: list[str]) -> dict[str, int]:
     return dict(counts)
 
 
-def plan_holdout(stage: StageConfig, counts: dict[str, int], where: str) -> dict[str, int]:
-    """Check the mixture against the rows per task and choose each group's hold-out.
+def group_rows(stage: StageConfig, counts: dict[str, int], files: list[str]) -> dict[str, int]:
+    """Rows per task group: sums of the rows per task, or, when a group selects by `uri_prefixes`,
+    counted over the shards' task and source_uri columns (two columns read, no tensors)."""
+    groups = stage.mixture.groups
+    if not any(g.uri_prefixes for g in groups.values()):
+        return {name: sum(counts.get(t, 0) for t in g.tasks) for name, g in groups.items()}
+    from .batching import ShardRows, group_members
+
+    return {name: len(rows) for name, rows in group_members(ShardRows(files), dict(groups)).items()}
+
+
+def plan_holdout(stage: StageConfig, counts: dict[str, int], where: str,
+                 rows_of: dict[str, int] | None = None) -> dict[str, int]:
+    """Check the mixture against the rows per task (`rows_of`: per group, when groups select by
+    source) and choose each group's hold-out.
 
     A group that can be drawn (a positive weight at some step) must have rows, and at least one per
     worker; the hold-out never takes the rows the workers need (it shrinks, with a warning)."""
@@ -117,14 +131,15 @@ def plan_holdout(stage: StageConfig, counts: dict[str, int], where: str) -> dict
     present = {t: n for t, n in sorted(counts.items()) if n}
     holdout = {}
     for name, group in stage.mixture.groups.items():
-        rows = sum(counts.get(t, 0) for t in group.tasks)
+        rows = rows_of[name] if rows_of is not None else sum(counts.get(t, 0) for t in group.tasks)
+        of = f"{list(group.tasks)}" + (f" from {list(group.uri_prefixes)}" if group.uri_prefixes else "")
         drawn = group.weight > 0 or (group.end_weight or 0) > 0
         if drawn and rows == 0:
-            raise ConfigError(f"mixture.groups.{name}: no rows of its tasks {list(group.tasks)} in {where} "
+            raise ConfigError(f"mixture.groups.{name}: no rows of its tasks {of} in {where} "
                               f"(rows per task there: {present}); remove the group, set its weight to 0, "
-                              "or curate data for those tasks")
+                              "or curate data for those tasks" + (" and sources" if group.uri_prefixes else ""))
         if drawn and rows < world:
-            raise ConfigError(f"mixture.groups.{name}: {rows} row(s) of {list(group.tasks)} in {where} for "
+            raise ConfigError(f"mixture.groups.{name}: {rows} row(s) of {of} in {where} for "
                               f"scaling.num_workers={world}; every worker needs at least one: curate more rows "
                               "or use fewer workers")
         want = stage.data.holdout_per_group
@@ -178,16 +193,17 @@ def plan_data(stage: StageConfig, init_path: str | None = None, tokenizer: bool 
     """Every deterministic data check of a stage, in the driver before Ray starts (ConfigError)."""
     files = shard_files(stage.data.shards)
     counts = task_counts(stage.data.shards, files)
-    holdout = plan_holdout(stage, counts, f"data.shards={stage.data.shards!r}")
+    rows = group_rows(stage, counts, files)
+    holdout = plan_holdout(stage, counts, f"data.shards={stage.data.shards!r}", rows)
     record = check_shard_tokenizer(stage, files, init_path) if tokenizer else None
-    return DataPlan(files, counts, holdout, record)
+    return DataPlan(files, counts, holdout, tokenizer=record, group_rows=rows)
 
 
 def split_block(stage: StageConfig, plan: DataPlan) -> int:
     """Consecutive rows of a task group dealt to one worker (`pipelines.batching`): long runs keep a
     worker's reads within few Parquet row groups; short ones (small data) keep every worker fed from
     the first epoch on."""
-    sizes = [sum(plan.task_counts.get(t, 0) for t in g.tasks) - plan.holdout.get(name, 0)
+    sizes = [plan.group_rows.get(name, sum(plan.task_counts.get(t, 0) for t in g.tasks)) - plan.holdout.get(name, 0)
              for name, g in stage.mixture.groups.items()]
     smallest = min((n for n in sizes if n > 0), default=1)
     return max(1, min(SPLIT_BLOCK_MAX, smallest // (4 * stage.scaling.num_workers)))

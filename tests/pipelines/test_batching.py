@@ -161,3 +161,40 @@ def test_per_group_holdout(row_factory):
     s = GroupStreams(rows, {"gen": ("t2i",), "und": ("i2t",)}, 0, 1, holdout={"gen": 3, "und": 0})
     assert [r["sample_id"] for r in s.holdout_rows()] == ["t2i-0-0", "t2i-0-1", "t2i-0-2"]
     assert s.take("gen")["sample_id"] == "t2i-0-3" and s.take("und")["sample_id"] == "i2t-0-0"
+
+
+def test_groups_by_source_take_only_their_sources_rows_and_ramp_between_them(row_factory):
+    # two "sources" of the same tasks: rows of seed 0 (synthetic://0/...) and of seed 1 (synthetic://1/...)
+    rows = row_factory(4, seed=0) + row_factory(4, seed=1)
+    easy = TaskGroup(("t2i", "i2t"), 1.0, 0.0, uri_prefixes=("synthetic://0/",))
+    hard = TaskGroup(("t2i", "i2t"), 0.0, 1.0, uri_prefixes=("synthetic://1/",))
+    streams = GroupStreams(rows, {"easy": easy, "hard": hard})
+    ids = {g: {streams.take(g)["sample_id"] for _ in range(8)} for g in ("easy", "hard")}
+    assert ids["easy"] == {f"{t}-0-{i}" for t in ("t2i", "i2t") for i in range(4)}
+    assert ids["hard"] == {f"{t}-1-{i}" for t in ("t2i", "i2t") for i in range(4)}
+    # a curriculum: the first steps draw only the easy source, the steps past the ramp only the hard one
+    mixture = MixtureConfig(groups={"easy": easy, "hard": hard}, ramp_steps=10)
+    packer = Packer(GroupStreams(rows, mixture.groups), mixture, SequenceBuilder(ByteTokenizer()), TINY, 1500,
+                    seed=3)
+    for step, drawn in ((0, "easy"), (10, "hard"), (50, "hard")):
+        _, stats = packer.next_pack(step)
+        # at step 10 the easy draw that did not fit step 0's pack is dropped: its weight is now 0
+        assert set(stats.per_group) == {drawn}, (step, stats.per_group)
+
+
+def test_overlapping_groups_are_refused_naming_both():
+    from lance_model.configio import from_dict
+    from lance_platform.config import ConfigError
+
+    def mixture(**groups):
+        return from_dict(MixtureConfig, {"groups": groups}, "mixture.")
+
+    with pytest.raises(ConfigError, match=r"mixture\.groups\.words=.*shares tasks \['t2i'\] with group 'letters'"):
+        mixture(letters={"tasks": ["t2i"], "uri_prefixes": ["synthetic://letters/"]},
+                words={"tasks": ["t2i", "i2t"]}).validate()
+    with pytest.raises(ConfigError, match="do not overlap"):
+        mixture(a={"tasks": ["t2i"], "uri_prefixes": ["synthetic://text"]},
+                b={"tasks": ["t2i"], "uri_prefixes": ["synthetic://text/"]}).validate()
+    mixture(letters={"tasks": ["t2i"], "uri_prefixes": ["synthetic://letters/"]},
+            words={"tasks": ["t2i"], "uri_prefixes": ["synthetic://text/"]},
+            und={"tasks": ["i2t"]}).validate()

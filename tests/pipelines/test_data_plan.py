@@ -144,3 +144,19 @@ def test_cli_reports_a_data_error_in_one_line_with_exit_2(tmp_path, shard_dir, c
     code = main(["train", "--stage", "pt", "--workdir", str(tmp_path / "work"), f"data.shards={tmp_path / 'none'}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "run `lance-pipeline curate" in err
+
+
+def test_groups_by_source_are_counted_from_the_shards_source_uris(tmp_path, row_factory, no_ray):
+    rows = row_factory(3, seed=0) + row_factory(5, seed=1)
+    write_shard(rows, tmp_path / "d" / "s.parquet", tokenizer=BYTE_RECORD)
+    groups = ("mixture.groups={a: {tasks: [t2i], uri_prefixes: ['synthetic://0/']}, "
+              "b: {tasks: [t2i, i2t], uri_prefixes: ['synthetic://1/'], weight: 0, end_weight: 1}}")
+    stage = load_stage_config(None, [f"data.shards={tmp_path / 'd'}", "data.holdout_per_group=1", groups])
+    plan = plan_data(stage)
+    assert plan.group_rows == {"a": 3, "b": 10}
+    assert plan.holdout == {"a": 1, "b": 1}
+    # a source with no rows is named with the prefixes it was looked for under
+    stage = load_stage_config(None, [f"data.shards={tmp_path / 'd'}",
+                                     "mixture.groups={a: {tasks: [t2i], uri_prefixes: ['synthetic://letters/']}}"])
+    with pytest.raises(ConfigError, match=r"no rows of its tasks \['t2i'\] from \['synthetic://letters/'\]"):
+        plan_data(stage)
