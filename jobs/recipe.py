@@ -129,9 +129,20 @@ def _synthetic_overrides(curate: CurationConfig, overrides: list[str]) -> None:
             source.synthetic = from_dict(SyntheticSpec, data, "curate.synthetic.")
 
 
+def letters_only(source) -> bool:
+    """A synthetic source that draws only short letter strings (`letters_fraction: 1`): a curriculum's
+    easy part, with no words, so no held-out words and no GRPO prompts of its own."""
+    return source.kind == "synthetic" and source.synthetic.letters_fraction >= 1.0
+
+
+def word_sources(curate: CurationConfig) -> list:
+    return [s for s in curate.sources if not letters_only(s)]
+
+
 def heldout_curation(curate: CurationConfig, workdir: Path) -> CurationConfig:
-    """The held-out corpus: the training corpus's synthetic sources switched to their held-out split,
-    one t2i and one i2t item per held-out word, no tracking of its own (curated once, like the corpus)."""
+    """The held-out corpus: the training corpus's synthetic word sources switched to their held-out
+    split, one t2i and one i2t item per held-out word, no tracking of its own (curated once, like the
+    corpus)."""
     sources = []
     for source in curate.sources:
         spec = source.synthetic
@@ -139,8 +150,13 @@ def heldout_curation(curate: CurationConfig, workdir: Path) -> CurationConfig:
             raise ConfigError(f"curate.sources: the recipe needs synthetic sources with a generated vocabulary and "
                               f"held-out words (synthetic.vocabulary and synthetic.heldout > 0); {source.name!r} "
                               f"is kind={source.kind!r}, vocabulary={spec.vocabulary}, heldout={spec.heldout}")
+        if letters_only(source):
+            continue
         held = dataclasses.replace(spec, split="heldout", images=spec.heldout, qa=spec.heldout, videos=0, edits=0)
         sources.append(dataclasses.replace(source, synthetic=held))
+    if not sources:
+        raise ConfigError("curate.sources: every synthetic source draws only letters (letters_fraction: 1); the "
+                          "recipe needs one that draws words, for its held-out words")
     return dataclasses.replace(curate, sources=tuple(sources),
                                output=dataclasses.replace(curate.output, dir=str(workdir / "heldout")),
                                tracking=dataclasses.replace(curate.tracking, enabled=False)).validate()
@@ -214,7 +230,7 @@ def heldout_words(curate: CurationConfig) -> list[str]:
     from data_curation.synthetic import split_words
 
     words: list[str] = []
-    for source in curate.sources:
+    for source in word_sources(curate):
         words += [w for w in split_words(dataclasses.replace(source.synthetic, split="heldout")) if w not in words]
     return words
 
@@ -240,7 +256,7 @@ def write_prompts(cfg: RecipeConfigs) -> None:
     from data_curation.synthetic import split_words, t2i_caption
 
     train: list[str] = []
-    for source in cfg.curate.sources:
+    for source in word_sources(cfg.curate):
         spec = source.synthetic
         as_dict = dataclasses.asdict(spec)
         train += [t2i_caption(as_dict, w, spec.seed * 100003 + PROMPT_SEED_KIND * 1009 + i)
@@ -272,7 +288,7 @@ def evaluate_checkpoint(checkpoint: Path, cfg: RecipeConfigs, pool) -> tuple[dic
 
     e = cfg.recipe.evaluation
     words, prompts = map(list, zip(*heldout_prompts(cfg)[:e.words]))
-    spec = cfg.curate.sources[0].synthetic
+    spec = word_sources(cfg.curate)[0].synthetic
     height, width = cfg.rl.rollout.height, cfg.rl.rollout.width
     device = resolve_device(e.device)
     # bf16 on a GPU, as `lance-pipeline generate` runs by default
@@ -380,7 +396,7 @@ def run_curate(cfg: RecipeConfigs, parent_id: str | None) -> str:
             continue
         result = run_curation(curation, "curate", parent_run_id=run_id)
         log.info("recipe: curated %s rows into %s", result.counts.get("curated", 0), curation.output.dir)
-    spec = cfg.curate.sources[0].synthetic
+    spec = word_sources(cfg.curate)[0].synthetic
     words = heldout_words(cfg.curate)
     write_json(cfg.workdir / "curated" / HELDOUT_FILE,
                {"words": words, "vocabulary": spec.vocabulary, "seed": spec.seed, "heldout_dataset": str(

@@ -20,7 +20,8 @@ from lance_platform.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "configs" / "recipes" / "text_rendering" / "recipe.yaml"
-# Everything shrunk: 24 + 12 rows of 32 x 32 from 40 words (4 held out), the tiny preset, 2 steps.
+# Everything shrunk: 24 + 12 rows of 32 x 32 from 40 words (4 held out) and as many of letters, the
+# tiny preset, 2 steps.
 # The evaluation reads the first 2 of the 4 held-out words at one extra CFG scale: OCR of the noise
 # a 2-step tiny model draws is ~0.7 s an image on one CPU, and each evaluated word and scale is one
 # more image per evaluation (3 evaluations).
@@ -63,6 +64,17 @@ def test_recipe_configs_validate(tmp_path):
     held = cfg.heldout.sources[0].synthetic
     assert (held.split, held.images, held.qa, held.videos, held.edits) == ("heldout", 200, 200, 0, 0)
     assert cfg.heldout.output.dir == str(tmp_path / "heldout") and not cfg.heldout.tracking.enabled
+    # the curriculum: a letters-only source that PT starts on and ramps away from; no held-out words from it
+    from pipelines.batching import mixture_weights
+
+    letters = {s.name: s for s in cfg.curate.sources}["letters"].synthetic
+    assert letters.letters_fraction == 1.0 and [s.name for s in cfg.heldout.sources] == ["text"]
+    pt, sft = cfg.stages
+    start, end = mixture_weights(pt.mixture, 0), mixture_weights(pt.mixture, pt.mixture.ramp_steps)
+    assert start == {"generation_letters": 0.5, "understanding_letters": 0.5, "generation": 0.0, "understanding": 0.0}
+    assert end == {"generation_letters": 0.0, "understanding_letters": 0.0, "generation": 0.5, "understanding": 0.5}
+    assert 0 < pt.mixture.ramp_steps < pt.steps
+    assert all(g.uri_prefixes == ("synthetic://text/",) for g in sft.mixture.groups.values())
 
 
 def test_i2t_char_accuracy_is_one_minus_the_edit_distance_per_letter():
