@@ -14,7 +14,9 @@ are drawn, larger than a whole word's), `colour` (name the text colour: a global
 Curricula: `--grow N` (task `word`) draws the first k letters of the word, k growing from 1 to the
 whole word over N steps, fitted to the image (so the glyphs start large and shrink as letters are
 added); `--shrink N` fits the text into a box that shrinks from the whole image to `--final-box` of
-it. Evaluations then score the held-out words both as finally drawn and as drawn at that step.
+it; `--letters N` is the recipe's curriculum (1-3 random letters drawn large in place of the word, at
+a rate falling from 1 to 0 over N steps). Evaluations then score the held-out words both as finally
+drawn and as drawn at that step.
 
     python benchmarks/probe_reading.py --preset tiny --task first --steps 600
     python benchmarks/probe_reading.py --preset tiny --task word --override '{"text": {"mrope_interleaved": true}}'
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-from data_curation.synthetic import render_styled_text, resolve_fonts, text_style, vocabulary_split
+from data_curation.synthetic import ALPHABET, render_styled_text, resolve_fonts, text_style, vocabulary_split
 from jobs.recipe import char_accuracy
 from lance_model.config import LanceConfig
 from lance_model.encoders.vit import vit_patches
@@ -60,10 +62,14 @@ class Renders:
         self.fonts = resolve_fonts(args.fonts.split(","))
         self.backgrounds = tuple(args.backgrounds.split(","))
 
-    def drawn(self, word: str, progress: float = 1.0) -> str:
+    def drawn(self, word: str, progress: float = 1.0, seed: int = 0) -> str:
         task = self.args.task
         if self.args.grow:  # curriculum: the word's first k letters, k growing from 1 to all of them
             return word[: max(1, round(1 + min(max(progress, 0.0), 1.0) * (len(word) - 1)))]
+        if self.args.letters:  # the recipe's curriculum: 1-3 random letters, less often as training goes on
+            rng = random.Random(seed ^ 0x1E77E85)
+            if rng.random() < 1.0 - min(max(progress, 0.0), 1.0):
+                return "".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, 3)))
         if task == "single":
             return word[0]
         if task.startswith("prefix"):
@@ -72,8 +78,8 @@ class Renders:
 
     def answer(self, word: str, seed: int, progress: float = 1.0) -> str:
         task = self.args.task
-        if self.args.grow:
-            return self.drawn(word, progress)
+        if self.args.grow or self.args.letters:
+            return self.drawn(word, progress, seed)
         if task in ("first", "single"):
             return word[0]
         if task.startswith("prefix"):
@@ -88,7 +94,7 @@ class Renders:
         if a.shrink:
             image = self.shrunk(word, seed, height, progress)
         else:
-            image = render_styled_text(self.drawn(word, progress), height, a.size, seed, self.fonts, self.backgrounds, 0.8,
+            image = render_styled_text(self.drawn(word, progress, seed), height, a.size, seed, self.fonts, self.backgrounds, 0.8,
                                        named_colours=a.task == "colour", layout=a.layout, cells=a.cells)
         if a.grey:
             image = grey(image)
@@ -157,7 +163,7 @@ class Batches(torch.utils.data.IterableDataset):
         if info is not None:
             torch.set_num_threads(1)
         workers, batches = (info.num_workers if info else 1), 0
-        span = self.renders.args.shrink or self.renders.args.grow
+        span = self.renders.args.shrink or self.renders.args.grow or self.renders.args.letters
         while True:
             progress = batches * workers / span if span else 1.0  # about the training step's share of --shrink
             batches += 1
@@ -190,6 +196,9 @@ def main() -> None:
     p.add_argument("--grow", type=int, default=0,
                    help="curriculum (task word): over this many steps the drawn text grows from the word's first "
                         "letter to the whole word, fitted to the image (evaluation on whole words)")
+    p.add_argument("--letters", type=int, default=0,
+                   help="curriculum (task word), the recipe's: 1-3 random letters drawn large instead of the word, "
+                        "at a rate falling linearly from 1 to 0 over this many steps")
     p.add_argument("--final-box", type=float, default=0.25, help="the text box's final side over the image's (--shrink)")
     p.add_argument("--grey", action="store_true", help="contrast-stretched grey renders (no colours)")
     p.add_argument("--vit-positions", action="store_true", help="add a 2-D sin-cos table to the ViT tokens")
@@ -243,7 +252,7 @@ def main() -> None:
         return (f"char {char:.3f} exact {exact:.3f} first {first:.3f} distinct {len(set(outs))} "
                 f"e.g. {outs[:4]} vs {truth[:4]}")
 
-    span = a.shrink or a.grow
+    span = a.shrink or a.grow or a.letters
 
     def evaluate(step: int) -> None:
         line = f"EVAL step {step} {score(evals)}"
