@@ -17,6 +17,7 @@ from lance_model.config import PresetName
 from lance_model.configio import (
     Fraction,
     Int,
+    NonEmptyStr,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
@@ -33,7 +34,6 @@ SOURCE_KINDS: tuple[str, ...] = SourceKind.__args__
 PARQUET_LAYOUTS: tuple[str, ...] = ParquetLayout.__args__
 BUCKET_RATIOS = {"21:9": 21 / 9, "16:9": 16 / 9, "4:3": 4 / 3, "1:1": 1.0, "3:4": 3 / 4, "9:16": 9 / 16}
 BucketName = Literal[tuple(BUCKET_RATIOS)]
-NonEmptyStr = Annotated[str, Field(min_length=1)]
 Channel = Annotated[int, Strict(), Field(ge=0, le=255)]
 RGB = Annotated[tuple[Channel, Channel, Channel], Field(description="an RGB triple of integers in [0, 255]")]
 # Scripts the caption-language filter tells apart (filters.py has their Unicode ranges), groups of

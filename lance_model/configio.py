@@ -39,6 +39,7 @@ PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, le=1, description="a fraction in [0, 1]")]
 Probability = Annotated[float, Field(ge=0, lt=1, description="a probability in [0, 1)")]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 
 _LEADING_FIELD = re.compile(r"[A-Za-z_][\w.*\[\]]*(?=[=:])")
@@ -293,5 +294,5 @@ def _plural(text: str) -> str:
     return head + sep + rest
 
 
-__all__ = ["CONFIG", "ConfigError", "Fraction", "Int", "NonNegativeFloat", "NonNegativeInt", "PositiveFloat",
+__all__ = ["CONFIG", "ConfigError", "Fraction", "Int", "NonEmptyStr", "NonNegativeFloat", "NonNegativeInt", "PositiveFloat",
            "PositiveInt", "Probability", "check_types", "configclass", "describe", "from_dict", "require", "validation_error"]

@@ -19,6 +19,7 @@ from pydantic import Field
 from lance_model.config import PRESETS, PresetName
 from lance_model.configio import (
     Int,
+    NonEmptyStr,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
@@ -30,7 +31,6 @@ from lance_platform.config import ConfigError, load_config
 from lance_platform.lora import LoraConfig
 
 InitKind = Literal["preset", "previous", "lance", "qwen25vl"]
-NonEmptyStr = Annotated[str, Field(min_length=1)]
 Schedule = Literal["constant", "cosine"]
 INIT_KINDS: tuple[str, ...] = InitKind.__args__
 SCHEDULES: tuple[str, ...] = Schedule.__args__
