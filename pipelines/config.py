@@ -10,6 +10,7 @@ reported with the dotted field name, the value and what was expected.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -66,17 +67,13 @@ class MixtureConfig:
             for t in g.tasks:
                 require(t in SHARD_TASKS, f"mixture.groups.{name}.tasks", list(g.tasks),
                         f"tasks among {SHARD_TASKS} ({t!r} is not)")
-        names = list(self.groups)
-        for i, a in enumerate(names):
-            for b in names[i + 1:]:
-                shared = sorted(set(self.groups[a].tasks) & set(self.groups[b].tasks))
-                if shared:
-                    pa, pb = self.groups[a].uri_prefixes, self.groups[b].uri_prefixes
-                    overlap = not pa or not pb or any(x.startswith(y) or y.startswith(x) for x in pa for y in pb)
-                    require(not overlap, f"mixture.groups.{b}", {"tasks": list(self.groups[b].tasks),
-                                                                 "uri_prefixes": list(pb)},
-                            f"rows in no other group: it shares tasks {shared} with group {a!r} "
-                            f"(uri_prefixes {list(pa)}); give both groups uri_prefixes that do not overlap")
+        for (a, ga), (b, gb) in itertools.combinations(self.groups.items(), 2):
+            shared = sorted(set(ga.tasks) & set(gb.tasks))
+            pa, pb = ga.uri_prefixes, gb.uri_prefixes
+            overlap = not pa or not pb or any(x.startswith(y) or y.startswith(x) for x in pa for y in pb)
+            require(not (shared and overlap), f"mixture.groups.{b}", {"tasks": list(gb.tasks), "uri_prefixes": list(pb)},
+                    f"rows in no other group: it shares tasks {shared} with group {a!r} (uri_prefixes "
+                    f"{list(pa)}); give both groups uri_prefixes that do not overlap")
         require(sum(g.weight for g in self.groups.values()) > 0, "mixture.groups.*.weight",
                 {k: g.weight for k, g in self.groups.items()}, "weights with a positive sum")
         ends = [g.end_weight if g.end_weight is not None else g.weight for g in self.groups.values()]

@@ -120,10 +120,9 @@ def group_rows(stage: StageConfig, counts: dict[str, int], files: list[str]) -> 
     return {name: len(rows) for name, rows in group_members(ShardRows(files), dict(groups)).items()}
 
 
-def plan_holdout(stage: StageConfig, counts: dict[str, int], where: str,
-                 rows_of: dict[str, int] | None = None) -> dict[str, int]:
-    """Check the mixture against the rows per task (`rows_of`: per group, when groups select by
-    source) and choose each group's hold-out.
+def plan_holdout(stage: StageConfig, counts: dict[str, int], rows_of: dict[str, int], where: str) -> dict[str, int]:
+    """Check the mixture against the rows of each group (`rows_of`, from `group_rows`; `counts`, the
+    rows per task, name what the data holds) and choose each group's hold-out.
 
     A group that can be drawn (a positive weight at some step) must have rows, and at least one per
     worker; the hold-out never takes the rows the workers need (it shrinks, with a warning)."""
@@ -131,7 +130,7 @@ def plan_holdout(stage: StageConfig, counts: dict[str, int], where: str,
     present = {t: n for t, n in sorted(counts.items()) if n}
     holdout = {}
     for name, group in stage.mixture.groups.items():
-        rows = rows_of[name] if rows_of is not None else sum(counts.get(t, 0) for t in group.tasks)
+        rows = rows_of[name]
         of = f"{list(group.tasks)}" + (f" from {list(group.uri_prefixes)}" if group.uri_prefixes else "")
         drawn = group.weight > 0 or (group.end_weight or 0) > 0
         if drawn and rows == 0:
@@ -194,7 +193,7 @@ def plan_data(stage: StageConfig, init_path: str | None = None, tokenizer: bool 
     files = shard_files(stage.data.shards)
     counts = task_counts(stage.data.shards, files)
     rows = group_rows(stage, counts, files)
-    holdout = plan_holdout(stage, counts, f"data.shards={stage.data.shards!r}", rows)
+    holdout = plan_holdout(stage, counts, rows, f"data.shards={stage.data.shards!r}")
     record = check_shard_tokenizer(stage, files, init_path) if tokenizer else None
     return DataPlan(files, counts, holdout, tokenizer=record, group_rows=rows)
 
@@ -203,8 +202,7 @@ def split_block(stage: StageConfig, plan: DataPlan) -> int:
     """Consecutive rows of a task group dealt to one worker (`pipelines.batching`): long runs keep a
     worker's reads within few Parquet row groups; short ones (small data) keep every worker fed from
     the first epoch on."""
-    sizes = [plan.group_rows.get(name, sum(plan.task_counts.get(t, 0) for t in g.tasks)) - plan.holdout.get(name, 0)
-             for name, g in stage.mixture.groups.items()]
+    sizes = [plan.group_rows[name] - plan.holdout.get(name, 0) for name in stage.mixture.groups]
     smallest = min((n for n in sizes if n > 0), default=1)
     return max(1, min(SPLIT_BLOCK_MAX, smallest // (4 * stage.scaling.num_workers)))
 
