@@ -8,6 +8,10 @@ captions, under FSDP2 with bf16 compute on one GPU as the recipe's stages run (f
 ODE sampler and text CFG, and RapidOCR reads them: printed is the recipe's `t2i_ocr_accuracy` (1 -
 capped edit distance per letter, rl.rewards' `ocr`), exact reads and the samples per second.
 
+Curriculum: `--grow N` draws (and captions) the word's first k letters, k growing from 1 to the
+whole word over N steps, fitted to the image, as `probe_reading.py --grow` does for reading; the
+evaluation then also scores the held-out words as drawn at that step's stage.
+
 What can change: the layout of the text (`--layout fitted|cells`), the rotary layout
 (`--override '{"text": {"mrope_interleaved": true}}'`), model size, batch, learning rate, fonts and
 backgrounds. `--minutes` bounds the training time (evaluations not counted), so runs that share a
@@ -78,14 +82,22 @@ class Batches(torch.utils.data.IterableDataset):
         if info is not None:
             torch.set_num_threads(1)
         a, cfg = self.renders.a, self.renders.config
+        workers, batches = (info.num_workers if info else 1), 0
         while True:
+            progress = batches * workers / a.grow if a.grow else 1.0  # about the training step's share of --grow
+            batches += 1
             samples = []
             for _ in range(a.bs):
                 word = rng.choice(self.words)
                 if rng.random() < a.phrases:
                     word = f"{word} {rng.choice(self.words)}"
-                samples.append(self.renders.sample(word, rng.getrandbits(31)))
+                samples.append(self.renders.sample(grown(word, progress), rng.getrandbits(31)))
             yield pack_samples(samples, self.builder, cfg, caption_dropout=cfg.caption_dropout, rng=rng)
+
+
+def grown(word: str, progress: float) -> str:
+    """`--grow`: the word's first k letters, k growing linearly from 1 (progress 0) to all (progress 1)."""
+    return word[: max(1, round(1 + min(max(progress, 0.0), 1.0) * (len(word) - 1)))]
 
 
 def setup(device: torch.device) -> None:
@@ -113,6 +125,9 @@ def main() -> None:
     p.add_argument("--cfg", default="4.5", help="text CFG scales, comma-separated")
     p.add_argument("--fonts", default="default,DejaVuSans-Bold,DejaVuSerif-Bold,DejaVuSansMono-Bold")
     p.add_argument("--backgrounds", default="plain,gradient,noise")
+    p.add_argument("--grow", type=int, default=0,
+                   help="curriculum: over this many steps the drawn text grows from the word's first letter to the "
+                        "whole word (evaluation on whole words, and on the words as drawn at that step's stage)")
     p.add_argument("--min-scale", type=float, default=0.8)
     p.add_argument("--phrases", type=float, default=0.0, help="share of two-word phrases (two lines)")
     p.add_argument("--size", type=int, default=64, help="image size (pixels, square)")
@@ -168,6 +183,16 @@ def main() -> None:
     def evaluate(step: int, trained_s: float, samples: int) -> None:
         t0 = time.time()
         copy = unsharded_copy(model, config, device).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+        line = score(copy, words, prompts, grid=True)
+        if a.grow and step < a.grow:  # the held-out words as the curriculum draws them at this step
+            now = [grown(w, step / a.grow) for w in words]
+            line += f" || at this step's stage ({step / a.grow:.2f}): " + score(
+                copy, now, [renders.caption(w, 10_000_000 + i) for i, w in enumerate(now)], grid=False)
+        del copy
+        print(f"EVAL step {step} trained {trained_s:.0f}s samples {samples} | " + line
+              + f" ({time.time() - t0:.0f}s)", flush=True)
+
+    def score(copy: Lance, targets: list[str], prompts: list[str], grid: bool) -> str:
         shape = (1, a.size // config.vae.spatial_stride, a.size // config.vae.spatial_stride)
         requests = [Sample("t2i", q, target=Visual(latent_shape=shape)) for q in prompts]
         parts = []
@@ -181,13 +206,11 @@ def main() -> None:
             acc = float(np.mean(scored.components["ocr"]))
             exact = float(np.mean(scored.components["ocr_exact"]))
             parts.append(f"cfg {scale}: ocr {acc:.3f} exact {exact:.3f} e.g. {scored.texts[:4]}")
-            if a.grid and scale == scales[0]:
+            if grid and a.grid and scale == scales[0]:
                 from PIL import Image
 
                 Image.fromarray(np.concatenate(images[:16], axis=1)).save(a.grid)
-        del copy
-        print(f"EVAL step {step} trained {trained_s:.0f}s samples {samples} | " + " | ".join(parts)
-              + f" | vs {list(words[:4])} ({time.time() - t0:.0f}s)", flush=True)
+        return " | ".join(parts) + f" | vs {list(targets[:4])}"
 
     trained, samples, start, losses = 0.0, 0, time.time(), []
     step = 0
