@@ -94,6 +94,10 @@ class SyntheticSpec:
     # train items that are 1-3 letters of the vocabulary's alphabet, drawn large: single glyphs teach
     # a model from scratch which shape is which letter before whole words can be read or written
     letters_fraction: Fraction = 0.0
+    # train items (of those not drawn as letters) that are a training word's first k letters, k from 1
+    # to the word's length less one: a word read or written a few letters at a time, its glyphs larger
+    # the shorter the prefix (a growing-word curriculum's easy part)
+    prefix_fraction: Fraction = 0.0
     # generated vocabulary only: `default` = Pillow's font; `system` = the DejaVu TTFs on the machine
     # plus Pillow's default; or a list of faces: `default`, a face name under /usr/share/fonts
     # (`DejaVuSans-Bold`) or a .ttf/.otf path (each must exist)

@@ -360,11 +360,15 @@ def _vocabulary_text(words: tuple[str, ...], rng: random.Random, spec, position:
     """One item's text from a generated vocabulary: the held-out split cycles through its words in
     order (each once per cycle); the train split draws, with probability `letters_fraction`, a
     string of 1 to 3 letters of the vocabulary's alphabet (never a word: words have 4 to 6), else
-    two-word phrases with probability `phrase_fraction`, else words."""
+    with probability `prefix_fraction` a word's first 1 to len-1 letters, else two-word phrases with
+    probability `phrase_fraction`, else words."""
     if spec.split == "heldout":
         return words[position % len(words)]
     if getattr(spec, "letters_fraction", 0.0) and rng.random() < spec.letters_fraction:
         return "".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, 3)))
+    if getattr(spec, "prefix_fraction", 0.0) and rng.random() < spec.prefix_fraction:
+        word = rng.choice(words)
+        return word[: rng.randint(1, len(word) - 1)]
     if rng.random() < spec.phrase_fraction:
         return f"{rng.choice(words)} {rng.choice(words)}"
     return rng.choice(words)

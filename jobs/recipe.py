@@ -130,9 +130,12 @@ def _synthetic_overrides(curate: CurationConfig, overrides: list[str]) -> None:
 
 
 def letters_only(source) -> bool:
-    """A synthetic source that draws only short letter strings (`letters_fraction: 1`): a curriculum's
-    easy part, with no words, so no held-out words and no GRPO prompts of its own."""
-    return source.kind == "synthetic" and source.synthetic.letters_fraction >= 1.0
+    """A synthetic source that draws no whole words, only short letter strings or words' prefixes
+    (`letters_fraction` or `prefix_fraction` 1): a curriculum's easy part, so no held-out words and no
+    GRPO prompts of its own."""
+    if source.kind != "synthetic":
+        return False
+    return source.synthetic.letters_fraction >= 1.0 or source.synthetic.prefix_fraction >= 1.0
 
 
 def word_sources(curate: CurationConfig) -> list:
@@ -155,8 +158,9 @@ def heldout_curation(curate: CurationConfig, workdir: Path) -> CurationConfig:
         held = dataclasses.replace(spec, split="heldout", images=spec.heldout, qa=spec.heldout, videos=0, edits=0)
         sources.append(dataclasses.replace(source, synthetic=held))
     if not sources:
-        raise ConfigError("curate.sources: every synthetic source draws only letters (letters_fraction: 1); the "
-                          "recipe needs one that draws words, for its held-out words")
+        raise ConfigError("curate.sources: every synthetic source draws only letters or prefixes "
+                          "(letters_fraction or prefix_fraction 1); the recipe needs one that draws words, for its "
+                          "held-out words")
     return dataclasses.replace(curate, sources=tuple(sources),
                                output=dataclasses.replace(curate.output, dir=str(workdir / "heldout")),
                                tracking=dataclasses.replace(curate.tracking, enabled=False)).validate()

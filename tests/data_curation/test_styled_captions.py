@@ -88,3 +88,16 @@ def test_letters_fraction_adds_short_letter_strings_to_the_train_split_only():
     assert [i["word"] for i in synthetic.synthetic_specs(heldout) if i["task"] == "t2i"] == list(held)
     # 0 (the default): words only
     assert all(len(i["word"]) >= 4 for i in synthetic.synthetic_specs(dataclasses.replace(spec, letters_fraction=0.0)))
+
+
+def test_prefix_fraction_draws_training_words_first_letters_in_the_train_split_only():
+    spec = SyntheticSpec(images=400, videos=0, edits=0, qa=100, vocabulary=300, heldout=20, prefix_fraction=0.5, seed=3)
+    train, held = synthetic.vocabulary_split(300, 20, 3)
+    words = [i["word"] for i in synthetic.synthetic_specs(spec)]
+    prefixes = [w for w in words if w not in train]
+    assert 200 < len(prefixes) < 300  # 0.5 of 500 items
+    # each a proper prefix of a training word, of every length from 1 letter up
+    assert all(any(t.startswith(w) and len(w) < len(t) for t in train) for w in prefixes)
+    assert {len(w) for w in prefixes} == set(range(1, max(len(t) for t in train)))
+    heldout = dataclasses.replace(spec, split="heldout", images=20, qa=20)
+    assert [i["word"] for i in synthetic.synthetic_specs(heldout) if i["task"] == "t2i"] == list(held)
