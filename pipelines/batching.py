@@ -45,12 +45,9 @@ FETCH_AHEAD = 32  # positions of one group a worker reads at a time
 
 
 def mixture_weights(mixture: MixtureConfig, step: int) -> dict[str, float]:
-    """Normalised group weights at `step` (linear ramp from weight to end_weight over ramp_steps)."""
-    frac = 1.0 if mixture.ramp_steps <= 0 else min(max(step / mixture.ramp_steps, 0.0), 1.0)
-    raw = {}
-    for name, g in mixture.groups.items():
-        end = g.weight if g.end_weight is None else g.end_weight
-        raw[name] = g.weight + (end - g.weight) * frac
+    """Normalised group weights at `step` (each group's schedule, or its linear ramp from weight to
+    end_weight over ramp_steps)."""
+    raw = {name: g.weight_at(step, mixture.ramp_steps) for name, g in mixture.groups.items()}
     total = sum(raw.values())
     return {k: v / total for k, v in raw.items()}
 

@@ -3,7 +3,8 @@
 A stage (PT, CT or SFT) says where its weights start, which curated shards it reads, how task
 groups are mixed (a group is rows of some tasks, optionally only those of some sources by
 `uri_prefixes`; an optional progressive schedule moves each group's weight from `weight` to
-`end_weight` over `ramp_steps`, e.g. a curriculum from easy sources to hard ones), how samples are packed, the optimiser and LR schedule,
+`end_weight` over `ramp_steps`, or a group's `schedule` of [step, weight] keyframes gives it at every
+step, e.g. a curriculum from easy sources to hard ones), how samples are packed, the optimiser and LR schedule,
 checkpoint cadence, EMA, validation and the Ray Train scaling, and optional LoRA adapters (`lora`,
 `lance_platform.lora.LoraConfig`: with `lora.enabled` only the adapters train). Every mistake is
 reported with the dotted field name, the value and what was expected.
@@ -48,10 +49,32 @@ class TaskGroup:
     # only the rows of `tasks` whose source_uri starts with one of these: `synthetic://<name>/` for a
     # synthetic source, a folder or bucket path for files (a mixture over sources); empty: every row
     uri_prefixes: tuple[NonEmptyStr, ...] = ()
+    # the weight as [step, weight] keyframes with rising steps, linear between them and held before
+    # the first and after the last (e.g. [[0, 0], [200, 1], [400, 0]]: a stage of a curriculum); it
+    # stands for weight / end_weight / mixture.ramp_steps, which a group with a schedule leaves unset
+    schedule: tuple[tuple[NonNegativeInt, NonNegativeFloat], ...] = ()
 
     def takes(self, task: str | None, uri: str | None) -> bool:
         return task in self.tasks and (not self.uri_prefixes or any(str(uri or "").startswith(p)
                                                                      for p in self.uri_prefixes))
+
+    def weight_at(self, step: int, ramp_steps: int) -> float:
+        """The raw (unnormalised) weight at `step`: the schedule's, else weight ramped linearly to
+        end_weight over `ramp_steps`."""
+        if self.schedule:
+            for (s0, w0), (s1, w1) in itertools.pairwise(self.schedule):
+                if s0 <= step < s1:
+                    return w0 + (w1 - w0) * (step - s0) / (s1 - s0)
+            return self.schedule[0][1] if step < self.schedule[0][0] else self.schedule[-1][1]
+        frac = 1.0 if ramp_steps <= 0 else min(max(step / ramp_steps, 0.0), 1.0)
+        end = self.weight if self.end_weight is None else self.end_weight
+        return self.weight + (end - self.weight) * frac
+
+    def ever_drawn(self) -> bool:
+        """Whether the group has a positive weight at some step."""
+        if self.schedule:
+            return any(w > 0 for _, w in self.schedule)
+        return self.weight > 0 or (self.end_weight or 0) > 0
 
 
 @configclass
@@ -74,10 +97,22 @@ class MixtureConfig:
             require(not (shared and overlap), f"mixture.groups.{b}", {"tasks": list(gb.tasks), "uri_prefixes": list(pb)},
                     f"rows in no other group: it shares tasks {shared} with group {a!r} (uri_prefixes "
                     f"{list(pa)}); give both groups uri_prefixes that do not overlap")
-        require(sum(g.weight for g in self.groups.values()) > 0, "mixture.groups.*.weight",
-                {k: g.weight for k, g in self.groups.items()}, "weights with a positive sum")
-        ends = [g.end_weight if g.end_weight is not None else g.weight for g in self.groups.values()]
-        require(sum(ends) > 0, "mixture.groups.*.end_weight", ends, "end weights with a positive sum")
+        for name, g in self.groups.items():
+            if not g.schedule:
+                continue
+            steps = [s for s, _ in g.schedule]
+            require(all(a < b for a, b in itertools.pairwise(steps)), f"mixture.groups.{name}.schedule",
+                    [list(k) for k in g.schedule], "[step, weight] keyframes with rising steps")
+            require(g.weight == 1.0 and g.end_weight is None, f"mixture.groups.{name}",
+                    {"weight": g.weight, "end_weight": g.end_weight},
+                    "no weight or end_weight beside a schedule (the schedule gives the weight at every step)")
+        # Every weight is piecewise linear in the step, so their sum is positive at every step when it
+        # is at every keyframe, at step 0 and at the end of the ramp.
+        points = sorted({0, self.ramp_steps, *(s for g in self.groups.values() for s, _ in g.schedule)})
+        for step in points:
+            weights = {k: g.weight_at(step, self.ramp_steps) for k, g in self.groups.items()}
+            require(sum(weights.values()) > 0, "mixture.groups.*.weight", weights,
+                    f"weights with a positive sum at every step (at step {step} they sum to 0)")
 
 
 @configclass

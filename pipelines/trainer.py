@@ -132,7 +132,7 @@ def plan_holdout(stage: StageConfig, counts: dict[str, int], rows_of: dict[str, 
     for name, group in stage.mixture.groups.items():
         rows = rows_of[name]
         of = f"{list(group.tasks)}" + (f" from {list(group.uri_prefixes)}" if group.uri_prefixes else "")
-        drawn = group.weight > 0 or (group.end_weight or 0) > 0
+        drawn = group.ever_drawn()
         if drawn and rows == 0:
             raise ConfigError(f"mixture.groups.{name}: no rows of its tasks {of} in {where} "
                               f"(rows per task there: {present}); remove the group, set its weight to 0, "

@@ -28,6 +28,39 @@ def test_weights_follow_the_ramp():
     assert mixture_weights(m, 100) == mixture_weights(m, 1000) == pytest.approx({"gen": 0.25, "und": 0.25, "edit": 0.5})
 
 
+def test_a_group_schedule_gives_piecewise_linear_weights_beside_ramped_groups():
+    """A growing-word curriculum: one letter, then two, then whole words, each fading into the next;
+    a group without a schedule keeps its ramp."""
+    m = MixtureConfig(groups={"one": TaskGroup(("i2t",), uri_prefixes=("synthetic://one/",),
+                                               schedule=((0, 1.0), (100, 1.0), (200, 0.0))),
+                              "two": TaskGroup(("i2t",), uri_prefixes=("synthetic://two/",),
+                                               schedule=((100, 0.0), (200, 1.0), (300, 0.0))),
+                              "words": TaskGroup(("i2t",), uri_prefixes=("synthetic://words/",),
+                                                 schedule=((200, 0.0), (300, 1.0))),
+                              "gen": TaskGroup(("t2i",), 0.0, 1.0)}, ramp_steps=400)
+    m.validate()
+    assert mixture_weights(m, 0) == pytest.approx({"one": 1.0, "two": 0.0, "words": 0.0, "gen": 0.0})
+    assert mixture_weights(m, 150) == pytest.approx({"one": 0.5 / 1.375, "two": 0.5 / 1.375, "words": 0.0,
+                                                     "gen": 0.375 / 1.375})
+    assert mixture_weights(m, 250) == pytest.approx({"one": 0.0, "two": 0.5 / 1.625, "words": 0.5 / 1.625,
+                                                     "gen": 0.625 / 1.625})
+    assert mixture_weights(m, 10_000) == pytest.approx({"one": 0.0, "two": 0.0, "words": 0.5, "gen": 0.5})
+
+
+@pytest.mark.parametrize("groups, message", [
+    ({"a": TaskGroup(("t2i",), schedule=((100, 1.0), (50, 0.0)))}, r"mixture\.groups\.a\.schedule.*rising steps"),
+    ({"a": TaskGroup(("t2i",), 1.0, 0.0, schedule=((0, 1.0),))}, r"mixture\.groups\.a=.*no weight or end_weight"),
+    # nothing to draw between step 100 and 200
+    ({"a": TaskGroup(("t2i",), schedule=((0, 1.0), (100, 0.0))),
+      "b": TaskGroup(("i2t",), schedule=((200, 0.0), (300, 1.0)))}, r"positive sum at every step \(at step 100"),
+])
+def test_bad_schedules_are_refused_naming_the_group(groups, message):
+    from lance_platform.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        MixtureConfig(groups=groups).validate()
+
+
 def make_packer(rows, mixture, rank=0, world=1, holdout=0, max_tokens=1500) -> Packer:
     streams = GroupStreams(rows, {k: g.tasks for k, g in mixture.groups.items()}, rank, world, holdout)
     return Packer(streams, mixture, SequenceBuilder(ByteTokenizer()), TINY, max_tokens, seed=3, rank=rank)
