@@ -98,6 +98,12 @@ class SyntheticSpec:
     # to the word's length less one: a word read or written a few letters at a time, its glyphs larger
     # the shorter the prefix (a growing-word curriculum's easy part)
     prefix_fraction: Fraction = 0.0
+    # with prefix_fraction: exactly this many first letters, of the training words longer than that
+    # (None: 1 to the word's length less one); sources of 1, 2, 3... letters make a curriculum's stages
+    prefix_letters: Annotated[int, Strict(), Field(ge=1, le=31)] | None = None
+    # the generated vocabulary's seed (None: `seed`): sources that draw from one vocabulary, with
+    # renders of their own, share it and differ in `seed`
+    vocabulary_seed: Int | None = None
     # generated vocabulary only: `default` = Pillow's font; `system` = the DejaVu TTFs on the machine
     # plus Pillow's default; or a list of faces: `default`, a face name under /usr/share/fonts
     # (`DejaVuSans-Bold`) or a .ttf/.otf path (each must exist)
@@ -122,6 +128,14 @@ class SyntheticSpec:
                 "'plain' unless a vocabulary is generated (styled captions describe the styled renders)")
         require(self.split == "train" or self.heldout > 0, f"{prefix}.split", self.split,
                 "'train' unless heldout > 0 (the held-out split is the held-out words)")
+        if self.prefix_letters is not None:
+            from data_curation.synthetic import split_words
+
+            require(self.prefix_fraction > 0 and self.vocabulary > 0, f"{prefix}.prefix_letters", self.prefix_letters,
+                    "null unless prefix_fraction > 0 with a generated vocabulary (it sets the prefixes' length)")
+            longest = max(len(w) for w in split_words(self))
+            require(self.prefix_letters < longest, f"{prefix}.prefix_letters", self.prefix_letters,
+                    f"fewer letters than the longest training word ({longest}): a prefix is part of a word")
         if self.layout == "cells":
             from data_curation.synthetic import longest_line
 

@@ -73,7 +73,8 @@ def split_words(spec) -> tuple[str, ...]:
     """The words the spec's `split` draws from (the built-in WORDS when no vocabulary is generated)."""
     if not spec.vocabulary:
         return WORDS
-    train, held = vocabulary_split(spec.vocabulary, spec.heldout, spec.seed)
+    seed = spec.seed if getattr(spec, "vocabulary_seed", None) is None else spec.vocabulary_seed
+    train, held = vocabulary_split(spec.vocabulary, spec.heldout, seed)
     return held if spec.split == "heldout" else train
 
 
@@ -360,18 +361,27 @@ def _vocabulary_text(words: tuple[str, ...], rng: random.Random, spec, position:
     """One item's text from a generated vocabulary: the held-out split cycles through its words in
     order (each once per cycle); the train split draws, with probability `letters_fraction`, a
     string of 1 to 3 letters of the vocabulary's alphabet (never a word: words have 4 to 6), else
-    with probability `prefix_fraction` a word's first 1 to len-1 letters, else two-word phrases with
-    probability `phrase_fraction`, else words."""
+    with probability `prefix_fraction` a word's first 1 to len-1 letters (`prefix_letters`: exactly
+    that many, of a word longer than that), else two-word phrases with probability `phrase_fraction`,
+    else words."""
     if spec.split == "heldout":
         return words[position % len(words)]
     if getattr(spec, "letters_fraction", 0.0) and rng.random() < spec.letters_fraction:
         return "".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, 3)))
     if getattr(spec, "prefix_fraction", 0.0) and rng.random() < spec.prefix_fraction:
-        word = rng.choice(words)
-        return word[: rng.randint(1, len(word) - 1)]
+        k = getattr(spec, "prefix_letters", None)
+        if k is None:
+            word = rng.choice(words)
+            return word[: rng.randint(1, len(word) - 1)]
+        return rng.choice(_longer_than(words, k))[:k]
     if rng.random() < spec.phrase_fraction:
         return f"{rng.choice(words)} {rng.choice(words)}"
     return rng.choice(words)
+
+
+@functools.cache
+def _longer_than(words: tuple[str, ...], letters: int) -> tuple[str, ...]:
+    return tuple(w for w in words if len(w) > letters)
 
 
 def longest_line(spec) -> int:

@@ -161,9 +161,27 @@ def heldout_curation(curate: CurationConfig, workdir: Path) -> CurationConfig:
         raise ConfigError("curate.sources: every synthetic source draws only letters or prefixes "
                           "(letters_fraction or prefix_fraction 1); the recipe needs one that draws words, for its "
                           "held-out words")
+    check_heldout_unseen(curate)
     return dataclasses.replace(curate, sources=tuple(sources),
                                output=dataclasses.replace(curate.output, dir=str(workdir / "heldout")),
                                tracking=dataclasses.replace(curate.tracking, enabled=False)).validate()
+
+
+def check_heldout_unseen(curate: CurationConfig) -> None:
+    """No training source draws a held-out word or part of one: a source that draws words or
+    prefixes from a vocabulary of its own (another `vocabulary_seed`, size or hold-out) could."""
+    from data_curation.synthetic import split_words
+
+    held = set(heldout_words(curate))
+    for i, source in enumerate(curate.sources):
+        spec = source.synthetic
+        if source.kind != "synthetic" or spec.letters_fraction >= 1.0:
+            continue  # letters only: no words
+        leaked = sorted(held & set(split_words(spec)))
+        if leaked:
+            raise ConfigError(f"curate.sources.{i} ({source.name!r}) trains on {len(leaked)} held-out word(s) of the "
+                              f"recipe (e.g. {leaked[:3]}): give it the word sources' vocabulary (the same vocabulary, "
+                              "heldout and vocabulary_seed)", f"curate.sources.{i}")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfigs:

@@ -101,3 +101,27 @@ def test_prefix_fraction_draws_training_words_first_letters_in_the_train_split_o
     assert {len(w) for w in prefixes} == set(range(1, max(len(t) for t in train)))
     heldout = dataclasses.replace(spec, split="heldout", images=20, qa=20)
     assert [i["word"] for i in synthetic.synthetic_specs(heldout) if i["task"] == "t2i"] == list(held)
+
+
+def test_prefix_letters_fixes_the_prefix_length_and_vocabulary_seed_shares_a_vocabulary():
+    words = SyntheticSpec(images=200, videos=0, edits=0, qa=0, vocabulary=300, heldout=20, seed=0)
+    prefixes = dataclasses.replace(words, seed=7, vocabulary_seed=0, prefix_fraction=1.0, prefix_letters=4)
+    train = synthetic.split_words(words)
+    assert synthetic.split_words(prefixes) == train  # one vocabulary, one hold-out
+    assert synthetic.split_words(dataclasses.replace(prefixes, vocabulary_seed=None)) != train
+    drawn = [i["word"] for i in synthetic.synthetic_specs(prefixes)]
+    assert {len(w) for w in drawn} == {4}
+    assert all(any(t.startswith(w) and len(t) > 4 for t in train) for w in drawn)
+    assert len(set(drawn)) > 50
+    # their own renders: another seed, other styles
+    assert [i["seed"] for i in synthetic.synthetic_specs(prefixes)] != [i["seed"] for i in synthetic.synthetic_specs(words)]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"prefix_letters": 3}, r"prefix_letters=3: expected null unless prefix_fraction > 0"),
+    ({"prefix_fraction": 1.0, "prefix_letters": 6}, r"prefix_letters=6: expected fewer letters than the longest training word \(6\)"),
+])
+def test_bad_prefix_letters_are_refused(changes, message):
+    spec = SyntheticSpec(vocabulary=300, heldout=20, **changes)
+    with pytest.raises(ConfigError, match=r"sources\.0\.synthetic\." + message):
+        SourceConfig(synthetic=spec).validate("sources.0")
