@@ -20,7 +20,7 @@ from lance_platform.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "configs" / "recipes" / "text_rendering" / "recipe.yaml"
-# Everything shrunk: 24 + 12 rows of 32 x 32 from 40 words (4 held out) and as many of letters, the
+# Everything shrunk: 24 + 12 rows of 32 x 32 from 40 words (4 held out) and as many of each prefix source, the
 # tiny preset, 2 steps.
 # The evaluation reads the first 2 of the 4 held-out words at one extra CFG scale: OCR of the noise
 # a 2-step tiny model draws is ~0.7 s an image on one CPU, and each evaluated word and scale is one
@@ -64,17 +64,41 @@ def test_recipe_configs_validate(tmp_path):
     held = cfg.heldout.sources[0].synthetic
     assert (held.split, held.images, held.qa, held.videos, held.edits) == ("heldout", 200, 200, 0, 0)
     assert cfg.heldout.output.dir == str(tmp_path / "heldout") and not cfg.heldout.tracking.enabled
-    # the curriculum: a letters-only source that PT starts on and ramps away from; no held-out words from it
+    # the curriculum: words' first 1..5 letters from the words' vocabulary, then whole words; PT moves
+    # through them in order, both tasks at every stage; no held-out words come from them
+    from data_curation.synthetic import split_words
     from pipelines.batching import mixture_weights
 
-    letters = {s.name: s for s in cfg.curate.sources}["letters"].synthetic
-    assert letters.letters_fraction == 1.0 and [s.name for s in cfg.heldout.sources] == ["text"]
+    sources = {s.name: s.synthetic for s in cfg.curate.sources}
+    assert [sources[f"prefix{k}"].prefix_letters for k in range(1, 6)] == [1, 2, 3, 4, 5]
+    assert all(split_words(sources[f"prefix{k}"]) == split_words(spec) for k in range(1, 6))
+    assert [s.name for s in cfg.heldout.sources] == ["text"]
     pt, sft = cfg.stages
-    start, end = mixture_weights(pt.mixture, 0), mixture_weights(pt.mixture, pt.mixture.ramp_steps)
-    assert start == {"generation_letters": 0.5, "understanding_letters": 0.5, "generation": 0.0, "understanding": 0.0}
-    assert end == {"generation_letters": 0.0, "understanding_letters": 0.0, "generation": 0.5, "understanding": 0.5}
-    assert 0 < pt.mixture.ramp_steps < pt.steps
+
+    def drawn(step: int) -> set[str]:
+        return {k for k, w in mixture_weights(pt.mixture, step).items() if w > 0}
+
+    assert drawn(0) == {"generation_1", "understanding_1"}
+    assert drawn(200) == {"generation_2", "understanding_2"}
+    assert drawn(440) == {"generation_3", "understanding_3", "generation_4", "understanding_4"}
+    assert drawn(pt.steps) == {"generation", "understanding"}
+    weights = mixture_weights(pt.mixture, 620)
+    assert weights["generation_5"] == weights["understanding_5"] and weights["generation_4"] < weights["generation_5"]
     assert all(g.uri_prefixes == ("synthetic://text/",) for g in sft.mixture.groups.values())
+
+
+def test_a_curriculum_source_with_a_vocabulary_of_its_own_is_refused(tmp_path):
+    """Prefixes drawn from another vocabulary would include held-out words of the recipe's."""
+    import dataclasses
+
+    from jobs.recipe import check_heldout_unseen
+
+    cfg = load_recipe(RECIPE, [f"workdir={tmp_path}"])
+    check_heldout_unseen(cfg.curate)
+    sources = list(cfg.curate.sources)
+    sources[3] = dataclasses.replace(sources[3], synthetic=dataclasses.replace(sources[3].synthetic, vocabulary_seed=None))
+    with pytest.raises(ConfigError, match=r"curate\.sources\.3 \('prefix3'\) trains on \d+ held-out word"):
+        check_heldout_unseen(dataclasses.replace(cfg.curate, sources=tuple(sources)))
 
 
 def test_i2t_char_accuracy_is_one_minus_the_edit_distance_per_letter():
