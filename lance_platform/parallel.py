@@ -1,5 +1,6 @@
-"""How a Lance model is distributed: FSDP2 per decoder layer, mixed precision, activation checkpointing,
-and the small collective helpers the training stages and the sharded GRPO update share.
+"""How a Lance model is distributed: FSDP2 per decoder layer (or HSDP: sharded within groups of
+`shard_size` ranks, replicated across them), mixed precision, activation checkpointing, and the
+small collective helpers the training stages and the sharded GRPO update share.
 
 The model definition (`lance_model`) knows nothing of this; `apply_fsdp` wraps an existing model,
 the torchtitan way, also one still on the meta device: after `to_empty`, `fill_local` gives every
@@ -14,12 +15,15 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from lance_model import Lance
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 def distributed() -> bool:
@@ -71,14 +75,33 @@ def apply_activation_checkpointing(model: Lance, every: int = 1) -> list[int]:
     return wrapped
 
 
-def apply_fsdp(model: Lance, device: torch.device, bf16: bool) -> None:
-    """`fully_shard` each decoder layer, then the root (embeddings, heads, ViT, final norms)."""
+def fsdp_mesh(device: torch.device, shard_size: int = 0) -> DeviceMesh | None:
+    """The device mesh `apply_fsdp` shards over: None (FSDP2's default, every rank of the world shards)
+    for `shard_size` 0 or the world size; otherwise HSDP's 2-D mesh ("replicate", "shard") of
+    world // shard_size replicas, each sharding the parameters over `shard_size` consecutive ranks
+    (a node's GPUs: the reduce-scatter and all-gather stay inside it, only the gradient all-reduce
+    of the shards crosses replicas). Collective: every rank calls it."""
+    _, world_size = world()
+    if shard_size < 0 or shard_size > world_size or (shard_size and world_size % shard_size):
+        raise ValueError(f"shard_size={shard_size}: expected 0 or a divisor of the world size ({world_size})")
+    if shard_size in (0, world_size):
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (world_size // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
+
+
+def apply_fsdp(model: Lance, device: torch.device, bf16: bool, shard_size: int = 0) -> None:
+    """`fully_shard` each decoder layer, then the root (embeddings, heads, ViT, final norms): over
+    all ranks (FSDP), or with `shard_size` a divisor of the world size below it, HSDP (`fsdp_mesh`:
+    parameters are DTensors placed (Replicate(), Shard(0)))."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    mesh = fsdp_mesh(device, shard_size)
     for layer in model.language_model.model.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -195,6 +195,16 @@ class ScalingConfig:
     use_gpu: bool = False
     cpus_per_worker: PositiveFloat = 1.0
     peak_tflops: NonNegativeFloat = 0.0  # per-GPU bf16 peak for the MFU metric (798 measured on the H100); 0: no MFU
+    # ranks per FSDP shard group: 0 (or num_workers) shards over all workers (FSDP); a divisor d of
+    # num_workers below it is HSDP: sharded over d consecutive workers (a node), num_workers // d replicas
+    shard_size: NonNegativeInt = 0
+
+    def validate(self) -> None:
+        """`shard_size` fits `num_workers` (0 or a divisor of it)."""
+        s, n = self.shard_size, self.num_workers
+        require(s == 0 or (s <= n and n % s == 0), "scaling.shard_size", s,
+                f"0 (all workers shard) or a divisor of scaling.num_workers ({n}) up to it (HSDP: "
+                f"{n} workers in replicas of shard_size workers each)")
 
 
 @configclass
@@ -231,6 +241,7 @@ class StageConfig:
                     "an existing directory of curated shards")
         self.model.validate(self.init.kind)
         self.mixture.validate()
+        self.scaling.validate()
         if self.lora is not None:
             self.lora.validate("lora")
         p = self.profile

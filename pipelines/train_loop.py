@@ -711,8 +711,8 @@ def train_loop(config: dict[str, Any]) -> None:
         if stage.model.activation_checkpointing:
             parallel.apply_activation_checkpointing(model, stage.model.activation_checkpointing_every)
         if parallel.distributed() and (world > 1 or use_gpu):
-            # FSDP2 also on a single GPU: fp32 master weights with bf16 compute
-            parallel.apply_fsdp(model, device, bf16=use_gpu)
+            # FSDP2 also on a single GPU: fp32 master weights with bf16 compute; HSDP with scaling.shard_size
+            parallel.apply_fsdp(model, device, bf16=use_gpu, shard_size=stage.scaling.shard_size)
 
     model = build_model(stage, config.get("init_path"), device, prepare)
     model_config = model.config
