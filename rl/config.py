@@ -90,6 +90,9 @@ class GrpoConfig:
     train_workers: PositiveInt = 1
     train_num_gpus: NonNegativeFloat = 0.0  # per training worker (> 0: CUDA and NCCL)
     train_num_cpus: NonNegativeFloat = 1.0  # per training worker
+    # ranks per FSDP2 shard group of the training workers: 0 (or train_workers) shards over all of them;
+    # a divisor d below it is HSDP, train_workers // d replicas each sharding over d workers
+    train_shard_size: NonNegativeInt = 0
 
     def resolved_clip_range(self, windowed: bool) -> float:
         from .grpo import default_clip_range
@@ -159,6 +162,10 @@ class RLConfig:
         g = self.grpo
         require(g.train_num_gpus == 0 or g.train_num_gpus >= 1, "grpo.train_num_gpus", g.train_num_gpus,
                 "0 (CPU, gloo) or a whole number of GPUs >= 1 per training worker (NCCL needs a GPU each)")
+        require(g.train_shard_size == 0 or (g.train_shard_size <= g.train_workers
+                                            and g.train_workers % g.train_shard_size == 0),
+                "grpo.train_shard_size", g.train_shard_size,
+                f"0 (all training workers shard) or a divisor of grpo.train_workers ({g.train_workers}) up to it")
         check_weights(self.reward.weights)
         self.reward.ocr.validate()
         self.lora.validate()

@@ -1,7 +1,7 @@
 """The sharded GRPO policy update (RL.md §7): `grpo.train_workers: N` (> 1) Ray actors forming one
 torch.distributed group (gloo on the CPU, NCCL when `grpo.train_num_gpus >= 1`), each holding an
 FSDP2 shard of the policy (and of the frozen reference) through `lance_platform.parallel.apply_fsdp`,
-the wrapper the training stages use.
+the wrapper the training stages use (HSDP with `grpo.train_shard_size`).
 
 Every worker builds the policy as the driver does (`rl.policy.build_run_policy`, same config and
 seed, so the KL reference is the same starting policy everywhere), loads the driver's current
@@ -62,9 +62,10 @@ class TrainWorker:
         """Join the group, load the driver's weights, shard the models, build the optimizer."""
         parallel.init_group(address, port, self.rank, self.world_size, self.backend)
         load_pushed(self.policy, state, self.lora, "the driver's weights")
-        parallel.apply_fsdp(self.policy, self.device, bf16=False)
+        shard_size = self.cfg.grpo.train_shard_size
+        parallel.apply_fsdp(self.policy, self.device, bf16=False, shard_size=shard_size)
         if self.reference is not None:
-            parallel.apply_fsdp(self.reference, self.device, bf16=False)
+            parallel.apply_fsdp(self.reference, self.device, bf16=False, shard_size=shard_size)
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         o = self.cfg.optim
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,

@@ -29,7 +29,8 @@ def run(trainer: GrpoTrainer, steps: int = 2) -> list[list[dict]]:
     return out
 
 
-@pytest.mark.parametrize("extra", [(), ("lora.enabled=true", "lora.rank=4", "lora.alpha=8")], ids=["full", "lora"])
+@pytest.mark.parametrize("extra", [(), ("lora.enabled=true", "lora.rank=4", "lora.alpha=8"), ("grpo.train_shard_size=1",)],
+                         ids=["full", "lora", "hsdp"])
 def test_two_rollout_actors_and_two_training_workers_reproduce_the_single_process_run(ray_local, rl_config, extra):
     single = GrpoTrainer(rl_config(*BASE, *extra), reward_pool=BrightnessPool(spread=1.0))
     start = state(single)
@@ -93,3 +94,12 @@ def test_two_rollout_actors_and_two_training_workers_reproduce_the_single_proces
         for key, value in entry.items():
             torch.testing.assert_close(resumed_optim["state"][name][key], value, atol=TOL, rtol=0,
                                        msg=f"resumed {name}/{key}")
+
+
+def test_a_shard_size_that_does_not_divide_the_training_workers_is_refused(rl_config):
+    from lance_model.configio import ConfigError
+
+    assert rl_config("grpo.train_workers=4", "grpo.train_shard_size=2").grpo.train_shard_size == 2
+    for bad in (3, 8):
+        with pytest.raises(ConfigError, match=r"grpo\.train_shard_size.*divisor of grpo\.train_workers \(4\)"):
+            rl_config("grpo.train_workers=4", f"grpo.train_shard_size={bad}")
