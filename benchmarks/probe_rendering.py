@@ -12,6 +12,10 @@ Curriculum: `--grow N` draws (and captions) the word's first k letters, k growin
 whole word over N steps, fitted to the image, as `probe_reading.py --grow` does for reading; the
 evaluation then also scores the held-out words as drawn at that step's stage.
 
+`--memorize N` trains on N fixed images instead (the first N training words, one style each, the same
+pixels every time) and scores those: a check of the sampling path (ODE sampler, CFG, VAE decode, OCR)
+apart from generalisation. `tiny` on CPU writes 4 memorised words exactly after 2,000 steps.
+
 What can change: the layout of the text (`--layout fitted|cells`), the rotary layout
 (`--override '{"text": {"mrope_interleaved": true}}'`), model size, batch, learning rate, fonts and
 backgrounds. `--minutes` bounds the training time (evaluations not counted), so runs that share a
@@ -19,6 +23,8 @@ GPU can be compared at equal wall time; `--grid PATH` writes the last evaluation
 
     python benchmarks/probe_rendering.py --device cuda --layout cells --minutes 8 --workers 3
     python benchmarks/probe_rendering.py --preset tiny --steps 4 --eval-every 2 --eval-n 4   # CPU smoke
+    python benchmarks/probe_rendering.py --preset tiny --memorize 4 --fonts DejaVuSans-Bold --backgrounds plain \
+        --bs 16 --lr 1e-3 --warmup 50 --steps 3000 --eval-every 1000 --cfg 4.5,1.0            # CPU, 11 min
 """
 from __future__ import annotations
 
@@ -88,11 +94,18 @@ class Batches(torch.utils.data.IterableDataset):
             batches += 1
             samples = []
             for _ in range(a.bs):
+                if a.memorize:  # the same N images over and over
+                    i = rng.randrange(a.memorize)
+                    samples.append(self.renders.sample(self.words[i], MEMORIZED_SEED + i))
+                    continue
                 word = rng.choice(self.words)
                 if rng.random() < a.phrases:
                     word = f"{word} {rng.choice(self.words)}"
                 samples.append(self.renders.sample(grown(word, progress), rng.getrandbits(31)))
             yield pack_samples(samples, self.builder, cfg, caption_dropout=cfg.caption_dropout, rng=rng)
+
+
+MEMORIZED_SEED = 5_000_000  # --memorize: training word i is always drawn with style seed MEMORIZED_SEED + i
 
 
 def grown(word: str, progress: float) -> str:
@@ -128,6 +141,9 @@ def main() -> None:
     p.add_argument("--grow", type=int, default=0,
                    help="curriculum: over this many steps the drawn text grows from the word's first letter to the "
                         "whole word (evaluation on whole words, and on the words as drawn at that step's stage)")
+    p.add_argument("--memorize", type=int, default=0,
+                   help="train on N fixed images (the first N training words, one style each) and evaluate on "
+                        "those: can the model write what it has memorised? (a check of the sampling path)")
     p.add_argument("--min-scale", type=float, default=0.8)
     p.add_argument("--phrases", type=float, default=0.0, help="share of two-word phrases (two lines)")
     p.add_argument("--size", type=int, default=64, help="image size (pixels, square)")
@@ -166,8 +182,12 @@ def main() -> None:
     builder = SequenceBuilder(ByteTokenizer())
     train, heldout = vocabulary_split(2400, 200, 0)
     renders = Renders(a, config)
-    words = heldout[: a.eval_n]
-    prompts = [renders.caption(w, 10_000_000 + i) for i, w in enumerate(words)]
+    if a.memorize:
+        words = train[: a.memorize]
+        prompts = [renders.caption(w, MEMORIZED_SEED + i) for i, w in enumerate(words)]
+    else:
+        words = heldout[: a.eval_n]
+        prompts = [renders.caption(w, 10_000_000 + i) for i, w in enumerate(words)]
     scales = [float(s) for s in a.cfg.split(",")]
     reward = OcrReward(build_ocr_engine())
     vae = build_vae(config.vae).to(device)
