@@ -118,7 +118,8 @@ def setup(device: torch.device) -> None:
     import torch.distributed as dist
 
     if device.type == "cuda" and not dist.is_initialized():
-        store = tempfile.NamedTemporaryFile(prefix="probe-rendering-", delete=False).name
+        with tempfile.NamedTemporaryFile(prefix="probe-rendering-", delete=False) as f:
+            store = f.name
         dist.init_process_group("nccl", init_method=f"file://{store}", rank=0, world_size=1)
 
 
@@ -158,8 +159,8 @@ def main() -> None:
     device = torch.device(a.device)
     setup(device)
 
-    from lance_platform import parallel
     from lance_model.backbone import compile_layers
+    from lance_platform import parallel
     from pipelines.train_loop import unsharded_copy
     from rl.ocr import build_ocr_engine
     from rl.rewards import OcrReward
