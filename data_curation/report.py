@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from data_curation.scenes import parent_uri
-from data_curation.store import write_json_atomic
+from lance_platform.files import write_json_atomic
 
 
 def count_outcomes(inspected: list[dict]) -> dict[str, dict[str, int]]:
@@ -108,5 +108,6 @@ def write_plots(directory: Path, inspected: list[dict], buckets: Counter) -> lis
 def write_report(directory: Path, counts: dict, inspected: list[dict], buckets: Counter) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     write_plots(directory, inspected, buckets)
-    write_json_atomic({"counts": counts, "buckets": dict(sorted(buckets.items()))}, directory / "stats.json")
+    write_json_atomic(directory / "stats.json", {"counts": counts, "buckets": dict(sorted(buckets.items()))},
+                      sort_keys=True)
     return directory

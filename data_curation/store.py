@@ -28,14 +28,13 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_curation.dedup import Candidate
-from lance_platform.files import atomic_target, write_text_atomic
+from lance_platform.files import atomic_target, write_json_atomic
 from lance_platform.schema import SCHEMA_VERSION, sha256_file, verify_shard, write_shard
 
 log = logging.getLogger(__name__)
@@ -56,10 +55,6 @@ class DatasetMismatchError(ValueError):
 def write_table_atomic(table: pa.Table, path: Path) -> None:
     with atomic_target(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-
-
-def write_json_atomic(obj: Any, path: Path) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 @dataclass
@@ -172,7 +167,7 @@ class CuratedDataset:
         run = {**run, "quarantine": quarantine_path, "report": report_dir, "committed": time.time()}
         new = Manifest(encoder, manifest.shards + shards, manifest.ledger + [ledger_path], manifest.runs + [run],
                        tokenizer=(tokenizer or manifest.tokenizer) if shards else manifest.tokenizer)
-        write_json_atomic(new.to_dict(), self.manifest_path)
+        write_json_atomic(self.manifest_path, new.to_dict(), sort_keys=True)
         return new
 
 

@@ -46,7 +46,7 @@ from data_curation.config import CurationConfig, SyntheticSpec
 from jobs.errors import UsageError
 from lance_model.configio import PositiveInt, configclass, from_dict
 from lance_platform.config import ConfigError, apply_overrides, load_config, to_dict
-from lance_platform.files import write_text_atomic
+from lance_platform.files import write_json_atomic, write_text_atomic
 from pipelines.config import StageConfig, load_stage_config
 from rl.config import RLConfig
 
@@ -231,10 +231,6 @@ def parse_stages(text: str | None) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------------------ files
-def write_json(path: Path, value) -> None:
-    write_text_atomic(path, json.dumps(value, indent=2, default=str) + "\n")
-
-
 def marker(workdir: Path, stage: str) -> Path:
     return workdir / "stages" / f"{stage}.json"
 
@@ -420,7 +416,7 @@ def run_curate(cfg: RecipeConfigs, parent_id: str | None) -> str:
         log.info("recipe: curated %s rows into %s", result.counts.get("curated", 0), curation.output.dir)
     spec = word_sources(cfg.curate)[0].synthetic
     words = heldout_words(cfg.curate)
-    write_json(cfg.workdir / "curated" / HELDOUT_FILE,
+    write_json_atomic(cfg.workdir / "curated" / HELDOUT_FILE,
                {"words": words, "vocabulary": spec.vocabulary, "seed": spec.seed, "heldout_dataset": str(
                    cfg.workdir / "heldout"), "note": "the last `heldout` words of the generated vocabulary; "
                                                      "the train split never contains them"})
@@ -456,7 +452,7 @@ def _evaluate_stage(cfg: RecipeConfigs, stage: str, checkpoint: str, pool, track
     start = time.time()
     metrics, images = evaluate_checkpoint(Path(checkpoint), cfg, pool)
     metrics.update(stage=stage, checkpoint=checkpoint, seconds=time.time() - start)
-    write_json(cfg.workdir / "eval" / f"{stage}.json", metrics)
+    write_json_atomic(cfg.workdir / "eval" / f"{stage}.json", metrics)
     grid = grid_png(cfg.workdir / f"samples_{stage}.png", [images[:cfg.recipe.evaluation.grid]])
     log.info("recipe: after %s, held-out t2i OCR accuracy %.3f (exact %.3f), i2t exact match %.3f (characters "
              "%.3f)", stage, metrics["t2i_ocr_accuracy"], metrics["t2i_ocr_exact"], metrics["i2t_exact_match"],
@@ -515,7 +511,7 @@ def run_recipe(config: str | Path, stages: tuple[str, ...] = STAGES, overrides: 
                     output, extra = run_rl(cfg, parent_id)
                 else:
                     output = run_train(cfg, cfg.stages[TRAIN_STAGES.index(stage)], parent_id)
-                write_json(marker(workdir, stage), {"stage": stage, "seconds": time.time() - start,
+                write_json_atomic(marker(workdir, stage), {"stage": stage, "seconds": time.time() - start,
                                                     "output": output, **extra})
             if stage != "curate" and not (workdir / "eval" / f"{stage}.json").is_file():
                 ray_started()
@@ -523,7 +519,7 @@ def run_recipe(config: str | Path, stages: tuple[str, ...] = STAGES, overrides: 
                                                w.max_retries)
                 _evaluate_stage(cfg, stage, finished(workdir, stage)["output"], pool, tracker)
             data, table = results_table(cfg)
-            write_json(workdir / f"{RESULTS}.json", data)
+            write_json_atomic(workdir / f"{RESULTS}.json", data)
             write_text_atomic(workdir / f"{RESULTS}.md", table)
         if all((workdir / f"samples_{s}.png").is_file() for s in ("sft", "rl")):
             import numpy as np

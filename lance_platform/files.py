@@ -1,10 +1,12 @@
 """Small file helpers shared by the stages."""
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 @contextmanager
@@ -26,3 +28,8 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     with atomic_target(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def write_json_atomic(path: str | Path, value: Any, sort_keys: bool = False) -> Path:
+    """Write `value` as indented JSON (non-JSON values as their `str`) to `path` atomically."""
+    return write_text_atomic(path, json.dumps(value, indent=2, sort_keys=sort_keys, default=str) + "\n")
