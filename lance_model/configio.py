@@ -75,6 +75,11 @@ def require(cond: bool, field: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{field}={value!r}: expected {expected}", field)
 
 
+def shard_size_fits(shard_size: int, workers: int) -> bool:
+    """An FSDP shard-group size for `workers` ranks: 0 (all of them) or a divisor of `workers` up to it."""
+    return shard_size == 0 or (0 < shard_size <= workers and workers % shard_size == 0)
+
+
 def configclass(cls: type[T] | None = None, **kwargs: Any) -> Any:
     """`@dataclass` plus the pydantic settings `from_dict` validates with (`CONFIG`)."""
 

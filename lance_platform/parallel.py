@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from lance_model import Lance
+from lance_model.configio import shard_size_fits
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -82,7 +83,7 @@ def fsdp_mesh(device: torch.device, shard_size: int = 0) -> DeviceMesh | None:
     (a node's GPUs: the reduce-scatter and all-gather stay inside it, only the gradient all-reduce
     of the shards crosses replicas). Collective: every rank calls it."""
     _, world_size = world()
-    if shard_size < 0 or shard_size > world_size or (shard_size and world_size % shard_size):
+    if not shard_size_fits(shard_size, world_size):
         raise ValueError(f"shard_size={shard_size}: expected 0 or a divisor of the world size ({world_size})")
     if shard_size in (0, world_size):
         return None

@@ -28,6 +28,7 @@ from lance_model.configio import (
     PositiveInt,
     configclass,
     require,
+    shard_size_fits,
 )
 from lance_platform.config import ConfigError, load_config
 from lance_platform.lora import LoraConfig
@@ -202,7 +203,7 @@ class ScalingConfig:
     def validate(self) -> None:
         """`shard_size` fits `num_workers` (0 or a divisor of it)."""
         s, n = self.shard_size, self.num_workers
-        require(s == 0 or (s <= n and n % s == 0), "scaling.shard_size", s,
+        require(shard_size_fits(s, n), "scaling.shard_size", s,
                 f"0 (all workers shard) or a divisor of scaling.num_workers ({n}) up to it (HSDP: "
                 f"{n} workers in replicas of shard_size workers each)")
 

@@ -21,6 +21,7 @@ from lance_model.configio import (
     check_types,
     configclass,
     require,
+    shard_size_fits,
 )
 from lance_platform.lora import LoraConfig
 
@@ -162,9 +163,7 @@ class RLConfig:
         g = self.grpo
         require(g.train_num_gpus == 0 or g.train_num_gpus >= 1, "grpo.train_num_gpus", g.train_num_gpus,
                 "0 (CPU, gloo) or a whole number of GPUs >= 1 per training worker (NCCL needs a GPU each)")
-        require(g.train_shard_size == 0 or (g.train_shard_size <= g.train_workers
-                                            and g.train_workers % g.train_shard_size == 0),
-                "grpo.train_shard_size", g.train_shard_size,
+        require(shard_size_fits(g.train_shard_size, g.train_workers), "grpo.train_shard_size", g.train_shard_size,
                 f"0 (all training workers shard) or a divisor of grpo.train_workers ({g.train_workers}) up to it")
         check_weights(self.reward.weights)
         self.reward.ocr.validate()
