@@ -92,14 +92,16 @@ def fsdp_mesh(device: torch.device, shard_size: int = 0) -> DeviceMesh | None:
     return init_device_mesh(device.type, (world_size // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
 
 
-def apply_fsdp(model: Lance, device: torch.device, bf16: bool, shard_size: int = 0) -> None:
+def apply_fsdp(model: Lance, device: torch.device, bf16: bool, shard_size: int = 0,
+               mesh: DeviceMesh | None = None) -> None:
     """`fully_shard` each decoder layer, then the root (embeddings, heads, ViT, final norms): over
     all ranks (FSDP), or with `shard_size` a divisor of the world size below it, HSDP (`fsdp_mesh`:
-    parameters are DTensors placed (Replicate(), Shard(0)))."""
+    parameters are DTensors placed (Replicate(), Shard(0))); or over a `mesh` the caller built (a
+    subgroup of the world, say), which then takes the place of `shard_size`."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    mesh = fsdp_mesh(device, shard_size)
+    mesh = mesh if mesh is not None else fsdp_mesh(device, shard_size)
     for layer in model.language_model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from lance_platform import checkpoint as ckpt
 from lance_platform.config import ConfigError, from_dict
+from lance_platform.parallel import full_tensor
 from pipelines.config import StageConfig
 
 WORLD, SHARD = 4, 2
@@ -77,27 +78,22 @@ def step_loss(model, rank: int, world: int, distributed: bool):
     return out.loss
 
 
-def full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def gathered(model, opt, ema) -> dict[str, torch.Tensor]:
     """Every model, EMA and optimizer tensor in full (collective over the tensors' own mesh)."""
     from lance_platform.checkpoint import plain_name
 
     names = {id(p): plain_name(n) for n, p in model.named_parameters()}
-    tensors = {f"model/{plain_name(k)}": full(v) for k, v in model.state_dict().items()}
+    tensors = {f"model/{plain_name(k)}": full_tensor(v) for k, v in model.state_dict().items()}
     if ema is not None:
-        tensors |= {f"ema/{k}": full(v) for k, v in ema.shadow.items()}
+        tensors |= {f"ema/{k}": full_tensor(v) for k, v in ema.shadow.items()}
     if opt is not None:
-        tensors |= {f"optim/{names[id(p)]}/{k}": full(v) for p, e in opt.state.items() for k, v in e.items()}
+        tensors |= {f"optim/{names[id(p)]}/{k}": full_tensor(v) for p, e in opt.state.items() for k, v in e.items()}
     return {k: v.detach().contiguous().clone() for k, v in tensors.items()}
 
 
 def _worker(rank: int, world: int, root: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
     from lance_platform import sharded_checkpoint as sc
@@ -130,7 +126,7 @@ def _worker(rank: int, world: int, root: str) -> None:
         layout[plain_name(n)] = {"placements": [repr(x) for x in p.placements], "mesh": list(p.device_mesh.shape),
                                  "dims": list(p.device_mesh.mesh_dim_names), "rows": [start, stop],
                                  "local_rows": local.shape[0] if local.dim() else 0,
-                                 "match": bool(torch.equal(local, full(p)[start:stop] if p.dim() else full(p)))}
+                                 "match": bool(torch.equal(local, full_tensor(p)[start:stop] if p.dim() else full_tensor(p)))}
     (root / f"layout_rank{rank}.json").write_text(json.dumps(layout))
     write("hsdp_init", gathered(model, None, None))
 
@@ -188,12 +184,7 @@ def _worker(rank: int, world: int, root: str) -> None:
     if rank < 2:
         mesh = DeviceMesh.from_group(pair, "cpu")
 
-        def on_two(m) -> None:
-            for layer in m.language_model.model.layers:
-                fully_shard(layer, mesh=mesh)
-            fully_shard(m, mesh=mesh)
-
-        model = build_model(stage(), device=cpu, prepare=on_two)
+        model = build_model(stage(), device=cpu, prepare=lambda m: parallel.apply_fsdp(m, cpu, bf16=False, mesh=mesh))
         _, opt, sched, ema = parts(model)
         assert restore_checkpoint(directory, model, opt, sched, ema, None, rank) == 1
         write("restored_on_2", gathered(model, opt, ema))

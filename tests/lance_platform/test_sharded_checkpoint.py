@@ -19,6 +19,7 @@ from lance_model.checkpoint import CheckpointError
 from lance_platform import checkpoint as ckpt
 from lance_platform import sharded_checkpoint as sc
 from lance_platform.config import from_dict
+from lance_platform.parallel import full_tensor
 from pipelines.config import StageConfig
 
 
@@ -46,19 +47,15 @@ def train_step(model, params, opt, sched, ema) -> None:
     ema.update(model)
 
 
-def full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def dump(model, opt, ema, path: Path, rank: int) -> None:
     """Every model, EMA and optimizer tensor, gathered full over the tensors' own mesh (collective),
     written by rank 0."""
     from lance_platform.checkpoint import plain_name
 
     names = {id(p): plain_name(n) for n, p in model.named_parameters()}
-    tensors = {f"model/{plain_name(k)}": full(v) for k, v in model.state_dict().items()}
-    tensors |= {f"ema/{k}": full(v) for k, v in ema.shadow.items()}
-    tensors |= {f"optim/{names[id(p)]}/{k}": full(v) for p, e in opt.state.items() for k, v in e.items()}
+    tensors = {f"model/{plain_name(k)}": full_tensor(v) for k, v in model.state_dict().items()}
+    tensors |= {f"ema/{k}": full_tensor(v) for k, v in ema.shadow.items()}
+    tensors |= {f"optim/{names[id(p)]}/{k}": full_tensor(v) for p, e in opt.state.items() for k, v in e.items()}
     if rank == 0:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path))
 
@@ -68,7 +65,6 @@ def _worker(rank: int, world: int, root: str) -> None:
     then all three ranks restore step 2 sharded over 3."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import fully_shard
 
     from pipelines import parallel
     from pipelines.train_loop import build_model, restore_checkpoint, save_sharded_checkpoint
@@ -79,12 +75,7 @@ def _worker(rank: int, world: int, root: str) -> None:
     if rank < 2:
         mesh = DeviceMesh.from_group(pair, "cpu")
 
-        def on_two(m) -> None:
-            for layer in m.language_model.model.layers:
-                fully_shard(layer, mesh=mesh)
-            fully_shard(m, mesh=mesh)
-
-        model = build_model(stage(), device=cpu, prepare=on_two)
+        model = build_model(stage(), device=cpu, prepare=lambda m: parallel.apply_fsdp(m, cpu, bf16=False, mesh=mesh))
         params, opt, sched, ema = parts(model)
         writer = sc.AsyncCheckpointWriter(root / "checkpoints", rank, 2, keep=3, attempt="run")
         for step in range(2):
