@@ -42,7 +42,8 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-from data_curation.synthetic import render_styled_text, resolve_fonts, styled_caption, vocabulary_split
+from data_curation.synthetic import (image_caption, render_styled_text, resolve_fonts, styled_caption,
+                                     vocabulary_split)
 from lance_model.config import LanceConfig
 from lance_model.encoders.vae import build_vae
 from lance_model.generation import SamplerOptions, sample_latents
@@ -67,7 +68,10 @@ class Renders:
                                   named_colours=True, layout=a.layout, cells=a.cells)
 
     def caption(self, word: str, seed: int) -> str:
-        return styled_caption(word, seed, self.fonts, self.backgrounds, self.a.min_scale)
+        if self.a.caption == "plain":
+            return image_caption(word)
+        return styled_caption(word, seed, self.fonts, self.backgrounds, self.a.min_scale,
+                              text_last=self.a.caption == "styled_text_last")
 
     def sample(self, word: str, seed: int) -> Sample:
         pixels = torch.from_numpy(self.image(word, seed).copy()).permute(2, 0, 1).float() / 127.5 - 1
@@ -145,6 +149,9 @@ def main() -> None:
     p.add_argument("--memorize", type=int, default=0,
                    help="train on N fixed images (the first N training words, one style each) and evaluate on "
                         "those: can the model write what it has memorised? (a check of the sampling path)")
+    p.add_argument("--caption", default="styled", choices=("styled", "styled_text_last", "plain"),
+                   help="styled: the text then its style; styled_text_last: the style then the text, the text "
+                        "at the caption's end; plain: the text alone (a sign that says \"BALO\")")
     p.add_argument("--min-scale", type=float, default=0.8)
     p.add_argument("--phrases", type=float, default=0.0, help="share of two-word phrases (two lines)")
     p.add_argument("--size", type=int, default=64, help="image size (pixels, square)")

@@ -299,11 +299,15 @@ def _draw_cells(draw: ImageDraw.ImageDraw, lines: list[str], height: int, width:
 
 
 def styled_caption(text: str, seed: int, fonts: tuple[str, ...], backgrounds: tuple[str, ...],
-                   min_scale: float) -> str:
+                   min_scale: float, text_last: bool = False) -> str:
     """The caption of `render_styled_text(text, ..., seed, ..., named_colours=True)`: the text and the
     style it is drawn in, e.g. `a sign that says "BALO" in white DejaVuSerif-Bold letters on a noisy
-    navy background`."""
+    navy background`; `text_last`: the style first and the text at the caption's end, `a sign in white
+    DejaVuSerif-Bold letters on a noisy navy background that says "BALO"`, so that the text's letters
+    sit at the same distance from the image whatever the style's words."""
     style = text_style(random.Random(seed), fonts, backgrounds, min_scale, named=True)
+    if text_last:
+        return f'a sign in {style.describe()} that says "{text}"'
     return f"{image_caption(text)} in {style.describe()}"
 
 
@@ -411,8 +415,11 @@ def synthetic_specs(spec) -> list[dict]:
     return items
 
 
+STYLED_CAPTIONS = ("styled", "styled_text_last")  # the `captions` values that name the style
+
+
 def _styled(spec: dict) -> bool:
-    return bool(spec.get("vocabulary")) and spec.get("captions", "plain") == "styled"
+    return bool(spec.get("vocabulary")) and spec.get("captions", "plain") in STYLED_CAPTIONS
 
 
 def _render_image(spec: dict, text: str, seed: int) -> np.ndarray:
@@ -427,12 +434,12 @@ def _render_image(spec: dict, text: str, seed: int) -> np.ndarray:
 
 def t2i_caption(spec: dict, text: str, seed: int) -> str:
     """The caption of the t2i image of `text` rendered with `seed` under `spec` (a SyntheticSpec as a
-    dict): `styled_caption` with `captions: styled`, else `image_caption`. Prompts written with it
-    (an evaluation's, GRPO's) ask for what the corpus shows."""
+    dict): `styled_caption` with `captions: styled` (the text first) or `styled_text_last`, else
+    `image_caption`. Prompts written with it (an evaluation's, GRPO's) ask for what the corpus shows."""
     if not _styled(spec):
         return image_caption(text)
     return styled_caption(text, seed, resolve_fonts(spec.get("fonts", DEFAULT_FONT)), tuple(spec["backgrounds"]),
-                          spec["min_text_scale"])
+                          spec["min_text_scale"], text_last=spec["captions"] == "styled_text_last")
 
 
 def t2i_prompts(spec) -> list[tuple[str, str]]:

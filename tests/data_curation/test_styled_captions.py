@@ -17,25 +17,27 @@ from lance_platform.config import ConfigError
 SPEC = SyntheticSpec(images=24, videos=0, edits=0, qa=4, height=64, width=64, vocabulary=300, heldout=20,
                      fonts="system", backgrounds=("plain", "gradient", "noise"), min_text_scale=0.8,
                      captions="styled")
-CAPTION = re.compile(r'^a sign that says "([A-Z ]+)" in (\w+) (\S+) letters on an? '
-                     r'(?:plain (\w+) background|(\w+) gradient background|noisy (\w+) background)$')
+_STYLE = r'(\w+) (\S+) letters on an? (?:plain (\w+) background|(\w+) gradient background|noisy (\w+) background)'
+CAPTIONS = {"styled": re.compile(rf'^a sign that says "(?P<word>[A-Z ]+)" in {_STYLE}$'),
+            "styled_text_last": re.compile(rf'^a sign in {_STYLE} that says "(?P<word>[A-Z ]+)"$')}
 
 
 def decode(fetched) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(fetched.media["target"][0])).convert("RGB"))
 
 
-def test_styled_caption_names_what_the_image_shows():
-    spec = dataclasses.asdict(SPEC)
+@pytest.mark.parametrize("captions", ["styled", "styled_text_last"])
+def test_styled_caption_names_what_the_image_shows(captions):
+    spec = dataclasses.asdict(dataclasses.replace(SPEC, captions=captions))
     faces = {synthetic.face_name(f) for f in synthetic.resolve_fonts(SPEC.fonts)}
     seen_fg, seen_bg, kinds = set(), set(), set()
     for item in [i for i in synthetic.synthetic_specs(SPEC) if i["task"] == "t2i"]:
         fetched = synthetic.render_item(spec, item)
         caption = fetched.text["caption"].decode()
-        m = CAPTION.match(caption)
+        m = CAPTIONS[captions].match(caption)
         assert m, caption
-        word, fg, face, plain_bg, gradient_bg, noisy_bg = m.groups()
-        assert word == item["word"] and face in faces
+        fg, face, plain_bg, gradient_bg, noisy_bg = m.groups()[:5] if captions == "styled_text_last" else m.groups()[1:]
+        assert m.group("word") == item["word"] and face in faces
         bg = plain_bg or gradient_bg or noisy_bg
         kinds.add("plain" if plain_bg else "gradient" if gradient_bg else "noise")
         im = decode(fetched).reshape(-1, 3).astype(int)
@@ -59,6 +61,13 @@ def test_t2i_prompts_are_the_curated_captions_and_plain_captions_are_unchanged()
     assert prompts == [(i["word"], synthetic.render_item(spec, i).text["caption"].decode()) for i in items]
     assert len(set(c for _, c in prompts)) == len(prompts)
 
+    # the text last: the same style, the same image, the text moved to the caption's end
+    last = dataclasses.replace(SPEC, captions="styled_text_last")
+    for (word, first), (_, at_end) in zip(prompts, synthetic.t2i_prompts(last)):
+        assert at_end == f'a sign in {first.split(" in ", 1)[1]} that says "{word}"'
+    assert np.array_equal(decode(synthetic.render_item(dataclasses.asdict(last), items[0])),
+                          decode(synthetic.render_item(spec, items[0])))
+
     plain = dataclasses.replace(SPEC, captions="plain")
     plain_dict = dataclasses.asdict(plain)
     assert synthetic.t2i_prompts(plain) == [(i["word"], synthetic.image_caption(i["word"])) for i in items]
@@ -69,9 +78,10 @@ def test_t2i_prompts_are_the_curated_captions_and_plain_captions_are_unchanged()
     assert np.array_equal(decode(synthetic.render_item(plain_dict, item)), want)
 
 
-def test_styled_captions_need_a_generated_vocabulary():
+@pytest.mark.parametrize("captions", ["styled", "styled_text_last"])
+def test_styled_captions_need_a_generated_vocabulary(captions):
     with pytest.raises(ConfigError, match=r"sources\.0\.synthetic\.captions"):
-        SourceConfig(synthetic=SyntheticSpec(captions="styled")).validate("sources.0")
+        SourceConfig(synthetic=SyntheticSpec(captions=captions)).validate("sources.0")
     with pytest.raises(ValueError, match="named colours"):
         synthetic.text_style(__import__("random").Random(0), ("default",), ("plain",), 1.0).describe()
 

@@ -80,9 +80,9 @@ def test_recipe_configs_validate(tmp_path):
 
     assert drawn(0) == {"generation_1", "understanding_1"}
     assert drawn(200) == {"generation_2", "understanding_2"}
-    assert drawn(440) == {"generation_3", "understanding_3", "generation_4", "understanding_4"}
+    assert drawn(385) == {"generation_3", "understanding_3", "generation_4", "understanding_4"}
     assert drawn(pt.steps) == {"generation", "understanding"}
-    weights = mixture_weights(pt.mixture, 620)
+    weights = mixture_weights(pt.mixture, 530)
     assert weights["generation_5"] == weights["understanding_5"] and weights["generation_4"] < weights["generation_5"]
     assert all(g.uri_prefixes == ("synthetic://text/",) for g in sft.mixture.groups.values())
 

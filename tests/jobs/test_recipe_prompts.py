@@ -16,7 +16,7 @@ SMALL = ["curate.synthetic.vocabulary=300", "curate.synthetic.heldout=12"]
 def test_heldout_prompts_are_the_heldout_corpus_captions_in_word_order(tmp_path):
     cfg = load_recipe(RECIPE, [f"workdir={tmp_path}", *SMALL])
     held = cfg.heldout.sources[0].synthetic
-    assert held.captions == "styled"
+    assert held.captions == "styled_text_last"
     prompts = heldout_prompts(cfg)
     assert [w for w, _ in prompts] == heldout_words(cfg.curate) and len(prompts) == 12
     spec = dataclasses.asdict(held)
@@ -24,7 +24,7 @@ def test_heldout_prompts_are_the_heldout_corpus_captions_in_word_order(tmp_path)
                for item in synthetic.synthetic_specs(held) if item["task"] == "t2i"}
     for word, caption in prompts:
         assert caption == curated[word] and target_text(caption) == word
-        assert caption.startswith(f'a sign that says "{word}" in ') and caption.endswith(" background")
+        assert caption.startswith("a sign in ") and caption.endswith(f' background that says "{word}"')
 
 
 def test_grpo_prompt_files_hold_every_training_word_once_and_the_heldout_captions(tmp_path):
