@@ -42,8 +42,13 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-from data_curation.synthetic import (image_caption, render_styled_text, resolve_fonts, styled_caption,
-                                     vocabulary_split)
+from data_curation.synthetic import (
+    image_caption,
+    render_styled_text,
+    resolve_fonts,
+    styled_caption,
+    vocabulary_split,
+)
 from lance_model.config import LanceConfig
 from lance_model.encoders.vae import build_vae
 from lance_model.generation import SamplerOptions, sample_latents

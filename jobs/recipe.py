@@ -342,7 +342,6 @@ def evaluate_checkpoint(checkpoint: Path, cfg: RecipeConfigs, pool) -> tuple[dic
                "examples": [{"word": w, "ocr_text": t} for w, t in zip(words[:8], scored.texts[:8])]
                + [{"word": r["answer"], "i2t_answer": ans.text} for r, ans in zip(qa[:8], answers[:8])],
                "question": spec.question}
-    del generator
     return metrics, images
 
 
@@ -393,8 +392,8 @@ def results_table(cfg: RecipeConfigs) -> tuple[dict, str]:
         return "-" if v is None else f"{v:.{digits}f}"
 
     lines = [f"# {cfg.recipe.name}: held-out words ({data['evaluated_words']} of {data['heldout_words']})", "",
-             "| stage | wall time (s) | eval time (s) | t2i OCR accuracy | t2i OCR exact | i2t exact match "
-             "| i2t char accuracy |", "|---|---:|---:|---:|---:|---:|---:|"]
+             ("| stage | wall time (s) | eval time (s) | t2i OCR accuracy | t2i OCR exact | i2t exact match "
+              "| i2t char accuracy |"), "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['stage']} | {cell(r['seconds'], 1)} | {cell(r['eval_seconds'], 1)} | "
                      f"{cell(r['t2i_ocr_accuracy'])} | {cell(r['t2i_ocr_exact'])} | {cell(r['i2t_exact_match'])} | "

@@ -59,7 +59,7 @@ def test_t2i_prompts_are_the_curated_captions_and_plain_captions_are_unchanged()
     items = [i for i in synthetic.synthetic_specs(SPEC) if i["task"] == "t2i"]
     prompts = synthetic.t2i_prompts(SPEC)
     assert prompts == [(i["word"], synthetic.render_item(spec, i).text["caption"].decode()) for i in items]
-    assert len(set(c for _, c in prompts)) == len(prompts)
+    assert len({c for _, c in prompts}) == len(prompts)
 
     # the text last: the same style, the same image, the text moved to the caption's end
     last = dataclasses.replace(SPEC, captions="styled_text_last")

@@ -34,5 +34,5 @@ def test_grpo_prompt_files_hold_every_training_word_once_and_the_heldout_caption
     words = [target_text(p) for p in train]
     assert words == list(synthetic.split_words(cfg.curate.sources[0].synthetic)) and len(words) == 288
     assert not set(words) & set(heldout_words(cfg.curate))
-    assert all(" letters on a" in p for p in train) and len(set(p.split(" in ", 1)[1] for p in train)) > 50
+    assert all(" letters on a" in p for p in train) and len({p.split(" in ", 1)[1] for p in train}) > 50
     assert Path(cfg.rl.prompts.eval_file).read_text().splitlines() == [c for _, c in heldout_prompts(cfg)]
