@@ -72,6 +72,19 @@ class TrainWorker:
                                            weight_decay=o.weight_decay)
         return self.rank
 
+    def layout(self) -> dict[str, Any]:
+        """How this rank holds the policy: its device mesh's dimension names and shape (`()`, `(2,)` for
+        FSDP over 2 workers; `("replicate", "shard")`, `(2, 1)` for HSDP of 2 replicas of 1 worker) and
+        the distinct placements of its trainable parameters."""
+        from torch.distributed.tensor import DTensor
+
+        sharded = [p for p in self.params if isinstance(p, DTensor)]
+        if not sharded:
+            return {"mesh_dims": (), "mesh_shape": (), "placements": []}
+        mesh = sharded[0].device_mesh
+        return {"mesh_dims": tuple(mesh.mesh_dim_names or ()), "mesh_shape": tuple(mesh.shape),
+                "placements": sorted({str(p.placements) for p in sharded})}
+
     def _session(self, model, samples) -> DenoisingSession:
         return DenoisingSession(model, self.builder, samples, self.options, use_cache=False)
 

@@ -42,6 +42,13 @@ def test_two_rollout_actors_and_two_training_workers_reproduce_the_single_proces
                                     "grpo.train_workers=2", "grpo.train_num_cpus=0.25"),
                           reward_pool=BrightnessPool(spread=1.0))
     assert sharded.group is not None and sharded.rollouts is not None
+    import ray
+
+    layouts = ray.get([w.layout.remote() for w in sharded.group.workers])
+    hsdp = "grpo.train_shard_size=1" in extra  # 2 replicas of 1 shard each: every parameter whole on each rank
+    for layout in layouts:
+        assert (layout["mesh_dims"], layout["mesh_shape"]) == ((("replicate", "shard"), (2, 1)) if hsdp else ((), (2,)))
+        assert layout["placements"] == (["(Replicate(), Shard(dim=0))"] if hsdp else ["(Shard(dim=0),)"])
     got = []
     try:
         for _ in range(2):
