@@ -14,12 +14,15 @@ evaluation then also scores the held-out words as drawn at that step's stage.
 
 `--memorize N` trains on N fixed images instead (the first N training words, one style each, the same
 pixels every time) and scores those: a check of the sampling path (ODE sampler, CFG, VAE decode, OCR)
-apart from generalisation. `tiny` on CPU writes 4 memorised words exactly after 2,000 steps.
+apart from generalisation. With `--grow` the fixed images are the words as the curriculum draws them
+(`--grow 1000000000`: their first letters), scored as drawn at that step's stage. `tiny` on CPU writes
+4 memorised words exactly after 2,000 steps.
 
 What can change: the layout of the text (`--layout fitted|cells`), the rotary layout
 (`--override '{"text": {"mrope_interleaved": true}}'`), model size, batch, learning rate, fonts and
 backgrounds. `--minutes` bounds the training time (evaluations not counted), so runs that share a
-GPU can be compared at equal wall time; `--grid PATH` writes the last evaluation's first 16 images.
+GPU can be compared at equal wall time; `--grid PATH` writes the last evaluation's first 16 images (with
+`--grow`, of the words as the curriculum's stage draws them).
 
     python benchmarks/probe_rendering.py --device cuda --layout cells --minutes 8 --workers 3
     python benchmarks/probe_rendering.py --preset tiny --steps 4 --eval-every 2 --eval-n 4   # CPU smoke
@@ -105,7 +108,8 @@ class Batches(torch.utils.data.IterableDataset):
             for _ in range(a.bs):
                 if a.memorize:  # the same N images over and over
                     i = rng.randrange(a.memorize)
-                    samples.append(self.renders.sample(self.words[i], MEMORIZED_SEED + i))
+                    samples.append(self.renders.sample(grown(self.words[i], progress) if a.grow else self.words[i],
+                                                       MEMORIZED_SEED + i))
                     continue
                 word = rng.choice(self.words)
                 if rng.random() < a.phrases:
@@ -197,10 +201,10 @@ def main() -> None:
     renders = Renders(a, config)
     if a.memorize:
         words = train[: a.memorize]
-        prompts = [renders.caption(w, MEMORIZED_SEED + i) for i, w in enumerate(words)]
     else:
         words = heldout[: a.eval_n]
-        prompts = [renders.caption(w, 10_000_000 + i) for i, w in enumerate(words)]
+    seed0 = MEMORIZED_SEED if a.memorize else 10_000_000  # the evaluated images' style seeds
+    prompts = [renders.caption(w, seed0 + i) for i, w in enumerate(words)]
     scales = [float(s) for s in a.cfg.split(",")]
     reward = OcrReward(build_ocr_engine())
     vae = build_vae(config.vae).to(device)
@@ -216,11 +220,12 @@ def main() -> None:
     def evaluate(step: int, trained_s: float, samples: int) -> None:
         t0 = time.time()
         copy = unsharded_copy(model, config, device).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
-        line = score(copy, words, prompts, grid=True)
-        if a.grow and step < a.grow:  # the held-out words as the curriculum draws them at this step
+        staged = bool(a.grow) and step < a.grow
+        line = score(copy, words, prompts, grid=not staged)
+        if staged:  # the held-out words as the curriculum draws them at this step
             now = [grown(w, step / a.grow) for w in words]
             line += f" || at this step's stage ({step / a.grow:.2f}): " + score(
-                copy, now, [renders.caption(w, 10_000_000 + i) for i, w in enumerate(now)], grid=False)
+                copy, now, [renders.caption(w, seed0 + i) for i, w in enumerate(now)], grid=True)
         del copy
         print(f"EVAL step {step} trained {trained_s:.0f}s samples {samples} | " + line
               + f" ({time.time() - t0:.0f}s)", flush=True)

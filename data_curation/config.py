@@ -116,8 +116,8 @@ class SyntheticSpec:
     # "BALO" in white DejaVuSerif-Bold letters on a noisy navy background), so that a caption pins
     # the image down up to the glyphs' scale and placement; `styled_text_last` names the style first and
     # the text at the caption's end (a sign in white DejaVuSerif-Bold letters on a noisy navy background
-    # that says "BALO"), so each letter sits at the same distance from the image's tokens whatever the
-    # style's words
+    # that says "BALO"), so the letters' distances from the image's tokens depend on the text alone,
+    # not on the style's words
     captions: Literal["plain", "styled", "styled_text_last"] = "plain"
     # how the text is laid out (`render_styled_text`, generated vocabulary only): `fitted` to the
     # image; `cells`, a sign board of `cells` letter cells, the i-th letter of a line in the i-th cell

@@ -303,8 +303,8 @@ def styled_caption(text: str, seed: int, fonts: tuple[str, ...], backgrounds: tu
     """The caption of `render_styled_text(text, ..., seed, ..., named_colours=True)`: the text and the
     style it is drawn in, e.g. `a sign that says "BALO" in white DejaVuSerif-Bold letters on a noisy
     navy background`; `text_last`: the style first and the text at the caption's end, `a sign in white
-    DejaVuSerif-Bold letters on a noisy navy background that says "BALO"`, so that the text's letters
-    sit at the same distance from the image whatever the style's words."""
+    DejaVuSerif-Bold letters on a noisy navy background that says "BALO"`, so that the letters'
+    distances from the image's tokens depend on the text alone, not on the style's words."""
     style = text_style(random.Random(seed), fonts, backgrounds, min_scale, named=True)
     if text_last:
         return f'a sign in {style.describe()} that says "{text}"'
