@@ -150,6 +150,8 @@ def main() -> None:
     p.add_argument("--eval-n", type=int, default=64, help="held-out words evaluated")
     p.add_argument("--eval-steps", type=int, default=20, help="ODE sampler steps")
     p.add_argument("--cfg", default="4.5", help="text CFG scales, comma-separated")
+    p.add_argument("--sample-shift", default="3.5",
+                   help="the sampler's time shift (its steps' spacing; the recipe's evaluation uses 3.5), comma-separated")
     p.add_argument("--fonts", default="default,DejaVuSans-Bold,DejaVuSerif-Bold,DejaVuSansMono-Bold")
     p.add_argument("--backgrounds", default="plain,gradient,noise")
     p.add_argument("--grow", type=int, default=0,
@@ -206,6 +208,7 @@ def main() -> None:
     seed0 = MEMORIZED_SEED if a.memorize else 10_000_000  # the evaluated images' style seeds
     prompts = [renders.caption(w, seed0 + i) for i, w in enumerate(words)]
     scales = [float(s) for s in a.cfg.split(",")]
+    shifts = [float(s) for s in a.sample_shift.split(",")]
     reward = OcrReward(build_ocr_engine())
     vae = build_vae(config.vae).to(device)
 
@@ -234,8 +237,8 @@ def main() -> None:
         shape = (1, a.size // config.vae.spatial_stride, a.size // config.vae.spatial_stride)
         requests = [Sample("t2i", q, target=Visual(latent_shape=shape)) for q in prompts]
         parts = []
-        for scale in scales:
-            options = SamplerOptions(num_steps=a.eval_steps, text_scale=scale, noise_level=None)
+        for scale, shift in [(c, f) for f in shifts for c in scales]:
+            options = SamplerOptions(num_steps=a.eval_steps, text_scale=scale, noise_level=None, shift=shift)
             latents = torch.cat([sample_latents(copy, builder, requests[i:i + 64], list(range(i, i + 64))[:len(requests[i:i + 64])],
                                                 options).latents for i in range(0, len(requests), 64)])
             pixels = ((vae.decode(latents.float()) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
@@ -243,8 +246,9 @@ def main() -> None:
             scored = reward(images, prompts)
             acc = float(np.mean(scored.components["ocr"]))
             exact = float(np.mean(scored.components["ocr_exact"]))
-            parts.append(f"cfg {scale}: ocr {acc:.3f} exact {exact:.3f} e.g. {scored.texts[:4]}")
-            if grid and a.grid and scale == scales[0]:
+            where = f"cfg {scale}" + (f" shift {shift}" if len(shifts) > 1 else "")
+            parts.append(f"{where}: ocr {acc:.3f} exact {exact:.3f} e.g. {scored.texts[:4]}")
+            if grid and a.grid and scale == scales[0] and shift == shifts[0]:
                 from PIL import Image
 
                 Image.fromarray(np.concatenate(images[:16], axis=1)).save(a.grid)
