@@ -416,9 +416,9 @@ def run_curate(cfg: RecipeConfigs, parent_id: str | None) -> str:
     spec = word_sources(cfg.curate)[0].synthetic
     words = heldout_words(cfg.curate)
     write_json_atomic(cfg.workdir / "curated" / HELDOUT_FILE,
-               {"words": words, "vocabulary": spec.vocabulary, "seed": spec.seed, "heldout_dataset": str(
-                   cfg.workdir / "heldout"), "note": "the last `heldout` words of the generated vocabulary; "
-                                                     "the train split never contains them"})
+                      {"words": words, "vocabulary": spec.vocabulary, "seed": spec.seed,
+                       "heldout_dataset": str(cfg.workdir / "heldout"),
+                       "note": "the last `heldout` words of the generated vocabulary; the train split never contains them"})
     return str(cfg.workdir / "curated")
 
 
@@ -511,7 +511,7 @@ def run_recipe(config: str | Path, stages: tuple[str, ...] = STAGES, overrides: 
                 else:
                     output = run_train(cfg, cfg.stages[TRAIN_STAGES.index(stage)], parent_id)
                 write_json_atomic(marker(workdir, stage), {"stage": stage, "seconds": time.time() - start,
-                                                    "output": output, **extra})
+                                                           "output": output, **extra})
             if stage != "curate" and not (workdir / "eval" / f"{stage}.json").is_file():
                 ray_started()
                 pool = pool or RewardActorPool(w.ocr, w.num_actors, w.num_cpus, w.num_gpus, w.video_frame_stride,
