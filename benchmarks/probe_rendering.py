@@ -69,17 +69,19 @@ class Renders:
         self.fonts = resolve_fonts(a.fonts.split(","))
         self.backgrounds = tuple(a.backgrounds.split(","))
         self.vae = build_vae(config.vae)
+        self.palette = tuple(a.palette.split(",")) if a.palette else None
 
     def image(self, word: str, seed: int) -> np.ndarray:
         a = self.a
         return render_styled_text(word, a.size, a.size, seed, self.fonts, self.backgrounds, a.min_scale,
-                                  named_colours=True, layout=a.layout, cells=a.cells)
+                                  named_colours=True, layout=a.layout, cells=a.cells, palette=self.palette,
+                                  jitter=a.jitter)
 
     def caption(self, word: str, seed: int) -> str:
         if self.a.caption == "plain":
             return image_caption(word)
         return styled_caption(word, seed, self.fonts, self.backgrounds, self.a.min_scale,
-                              text_last=self.a.caption == "styled_text_last")
+                              text_last=self.a.caption == "styled_text_last", palette=self.palette)
 
     def sample(self, word: str, seed: int) -> Sample:
         pixels = torch.from_numpy(self.image(word, seed).copy()).permute(2, 0, 1).float() / 127.5 - 1
@@ -163,7 +165,11 @@ def main() -> None:
     p.add_argument("--caption", default="styled", choices=("styled", "styled_text_last", "plain"),
                    help="styled: the text then its style; styled_text_last: the style then the text, the text "
                         "at the caption's end; plain: the text alone (a sign that says \"BALO\")")
+    p.add_argument("--palette", default="",
+                   help="draw the colours from these named colours only (e.g. black,white); default: all of them")
     p.add_argument("--min-scale", type=float, default=0.8)
+    p.add_argument("--jitter", type=float, default=0.5,
+                   help="--layout fitted: the text's offset, a share of the free space around the middle (0: centred)")
     p.add_argument("--phrases", type=float, default=0.0, help="share of two-word phrases (two lines)")
     p.add_argument("--size", type=int, default=64, help="image size (pixels, square)")
     p.add_argument("--override", default="{}", help="LanceConfig overrides as JSON")

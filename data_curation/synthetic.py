@@ -173,13 +173,28 @@ BACKGROUND_PHRASES = {"plain": "a plain {} background", "gradient": "a {} gradie
                       "noise": "a noisy {} background"}
 
 
-def contrasting_named_colours(rng: random.Random) -> tuple[str, str]:
-    """(background, text) colour names of NAMED_COLOURS whose luma differs by at least MIN_CONTRAST."""
-    names = sorted(NAMED_COLOURS)
+def contrasting_named_colours(rng: random.Random, palette: tuple[str, ...] | None = None) -> tuple[str, str]:
+    """(background, text) colour names of NAMED_COLOURS (or of `palette`, some of its names) whose
+    luma differs by at least MIN_CONTRAST."""
+    names = sorted(NAMED_COLOURS) if palette is None else check_palette(palette)
     while True:
         bg, fg = rng.choice(names), rng.choice(names)
         if abs(_luma(NAMED_COLOURS[bg]) - _luma(NAMED_COLOURS[fg])) >= MIN_CONTRAST:
             return bg, fg
+
+
+def check_palette(palette: tuple[str, ...]) -> list[str]:
+    """`palette`'s names, sorted, after checking that each is a NAMED_COLOURS name and that two of
+    them contrast (else a ValueError naming what is wrong)."""
+    unknown = [name for name in palette if name not in NAMED_COLOURS]
+    if unknown:
+        raise ValueError(f"palette: unknown colour(s) {', '.join(map(repr, unknown))}; expected some of "
+                         f"{', '.join(sorted(NAMED_COLOURS))}")
+    names = sorted(set(palette))
+    if not any(abs(_luma(NAMED_COLOURS[a]) - _luma(NAMED_COLOURS[b])) >= MIN_CONTRAST for a in names for b in names):
+        raise ValueError(f"palette {names}: no two colours differ in luma by {MIN_CONTRAST} or more "
+                         "(text would not stand out from its background)")
+    return names
 
 
 def face_name(font: str) -> str:
@@ -211,13 +226,14 @@ class TextStyle:
 
 
 def text_style(rng: random.Random, fonts: tuple[str, ...], backgrounds: tuple[str, ...], min_scale: float,
-               named: bool = False) -> TextStyle:
+               named: bool = False, palette: tuple[str, ...] | None = None) -> TextStyle:
     """Draw one item's style from `rng` (font, background kind, colours, glyph scale, in that order);
-    `named`: colours from NAMED_COLOURS (so a caption can name them), else random RGB."""
+    `named`: colours from NAMED_COLOURS (so a caption can name them; `palette`: from those of its
+    names), else random RGB."""
     font = rng.choice(fonts)
     kind = rng.choice(backgrounds)
     if named:
-        bg_name, fg_name = contrasting_named_colours(rng)
+        bg_name, fg_name = contrasting_named_colours(rng, palette)
         bg, fg = NAMED_COLOURS[bg_name], NAMED_COLOURS[fg_name]
     else:
         bg_name = fg_name = None
@@ -244,19 +260,21 @@ def background(kind: str, bg: tuple[int, int, int], height: int, width: int, rng
 
 def render_styled_text(text: str, height: int, width: int, seed: int, fonts: tuple[str, ...],
                        backgrounds: tuple[str, ...], min_scale: float, named_colours: bool = False,
-                       layout: str = "fitted", cells: int = 6) -> np.ndarray:
+                       layout: str = "fitted", cells: int = 6, palette: tuple[str, ...] | None = None,
+                       jitter: float = 0.5) -> np.ndarray:
     """RGB uint8 [H, W, 3]: `text` (a space starts a new line) in a font of `fonts`, in a colour
     contrasting with a background of `backgrounds` (`text_style` draws these from `seed`;
-    `styled_caption` names them), laid out by `layout`:
+    `styled_caption` names them; `palette`: the named colours drawn from), laid out by `layout`:
 
     - `fitted`: the lines fitted to ~90% of the width and ~80% of the height, shrunk by a random
-      factor in [min_scale, 1], placed at a random offset;
+      factor in [min_scale, 1], placed at a random offset (a share of the free space within
+      `jitter` / 2 of the middle; 0: centred);
     - `cells`: a sign board of `cells` letter cells across the width, the i-th letter of a line
       centred in the i-th cell from the left (glyphs as wide as a cell, shrunk by the same random
       factor), the lines at a random height. Letter i then always sits in the same columns of the
       image, whatever the word's length and font."""
     rng = random.Random(seed)
-    style = text_style(rng, fonts, backgrounds, min_scale, named_colours)
+    style = text_style(rng, fonts, backgrounds, min_scale, named_colours, palette)
     lines = text.split()
     canvas = Image.fromarray(background(style.background, style.bg, height, width, rng).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
@@ -274,8 +292,10 @@ def render_styled_text(text: str, height: int, width: int, seed: int, fonts: tup
     font = _font(style.font, max(6, int(probe_size * fit * style.scale)))
     left, top, right, bottom = draw.multiline_textbbox((0, 0), block, font=font, align="center")
     slack_x, slack_y = max(width - (right - left), 0), max(height - (bottom - top), 0)
-    x = int(rng.uniform(0.25, 0.75) * slack_x) - left
-    y = int(rng.uniform(0.25, 0.75) * slack_y) - top
+    if not 0 <= jitter <= 1:
+        raise ValueError(f"jitter={jitter}: expected a share of the free space in [0, 1]")
+    x = int(rng.uniform(0.5 - jitter / 2, 0.5 + jitter / 2) * slack_x) - left
+    y = int(rng.uniform(0.5 - jitter / 2, 0.5 + jitter / 2) * slack_y) - top
     draw.multiline_text((x, y), block, fill=style.fg, font=font, align="center")
     return np.asarray(canvas)
 
@@ -299,13 +319,13 @@ def _draw_cells(draw: ImageDraw.ImageDraw, lines: list[str], height: int, width:
 
 
 def styled_caption(text: str, seed: int, fonts: tuple[str, ...], backgrounds: tuple[str, ...],
-                   min_scale: float, text_last: bool = False) -> str:
+                   min_scale: float, text_last: bool = False, palette: tuple[str, ...] | None = None) -> str:
     """The caption of `render_styled_text(text, ..., seed, ..., named_colours=True)`: the text and the
     style it is drawn in, e.g. `a sign that says "BALO" in white DejaVuSerif-Bold letters on a noisy
     navy background`; `text_last`: the style first and the text at the caption's end, `a sign in white
     DejaVuSerif-Bold letters on a noisy navy background that says "BALO"`, so that the letters'
     distances from the image's tokens depend on the text alone, not on the style's words."""
-    style = text_style(random.Random(seed), fonts, backgrounds, min_scale, named=True)
+    style = text_style(random.Random(seed), fonts, backgrounds, min_scale, named=True, palette=palette)
     if text_last:
         return f'a sign in {style.describe()} that says "{text}"'
     return f"{image_caption(text)} in {style.describe()}"

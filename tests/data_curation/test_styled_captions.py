@@ -135,3 +135,42 @@ def test_bad_prefix_letters_are_refused(changes, message):
     spec = SyntheticSpec(vocabulary=300, heldout=20, **changes)
     with pytest.raises(ConfigError, match=r"sources\.0\.synthetic\." + message):
         SourceConfig(synthetic=spec).validate("sources.0")
+
+
+def test_a_palette_limits_the_named_colours_and_bad_palettes_are_named():
+    fonts = synthetic.resolve_fonts(("DejaVuSans-Bold",))
+    seen = set()
+    for seed in range(40):
+        caption = synthetic.styled_caption("K", seed, fonts, ("plain",), 0.8, palette=("black", "white", "yellow"))
+        fg, bg = re.match(r'^a sign that says "K" in (\w+) \S+ letters on a plain (\w+) background$', caption).groups()
+        im = synthetic.render_styled_text("K", 64, 64, seed, fonts, ("plain",), 0.8, named_colours=True,
+                                          palette=("black", "white", "yellow")).reshape(-1, 3).astype(int)
+        # the image's corner is the named background, and some pixels are the named text colour exactly
+        assert im[0].tolist() == list(synthetic.NAMED_COLOURS[bg]), caption
+        assert (np.abs(im - np.asarray(synthetic.NAMED_COLOURS[fg])).max(axis=1) == 0).sum() > 50, caption
+        seen |= {fg, bg}
+    assert seen == {"black", "white", "yellow"}
+    with pytest.raises(ValueError, match="unknown colour.*'gray'"):
+        synthetic.styled_caption("K", 0, fonts, ("plain",), 0.8, palette=("black", "gray"))
+    with pytest.raises(ValueError, match=r"palette \['black', 'navy'\]: no two colours differ in luma"):
+        synthetic.render_styled_text("K", 64, 64, 0, fonts, ("plain",), 0.8, named_colours=True,
+                                     palette=("navy", "black"))
+
+
+def test_jitter_zero_centres_the_text_and_the_default_keeps_the_middle_half():
+    fonts = synthetic.resolve_fonts(("DejaVuSans-Bold",))
+
+    def centre(seed: int, jitter: float) -> tuple[float, float]:
+        im = synthetic.render_styled_text("K", 64, 64, seed, fonts, ("plain",), 1.0, named_colours=True, jitter=jitter)
+        return tuple(np.argwhere((im != im[0, 0]).any(-1)).mean(0).round(1))
+
+    assert len({centre(seed, 0.0) for seed in range(8)}) == 1  # scale 1, one face: the same place every time
+    assert len({centre(seed, 1.0) for seed in range(8)}) > 4
+    # the default (0.5): offsets within the middle half of the free space, as the corpus was always drawn
+    for seed in range(8):
+        im = synthetic.render_styled_text("K", 64, 64, seed, fonts, ("plain",), 1.0, named_colours=True)
+        cols = np.flatnonzero((im != im[0, 0]).any(-1).any(0))
+        free = 64 - (cols[-1] - cols[0] + 1)
+        assert 0.25 * free - 2 <= cols[0] <= 0.75 * free + 2, (seed, cols[0], free)
+    with pytest.raises(ValueError, match=r"jitter=1.5: expected a share of the free space in \[0, 1\]"):
+        synthetic.render_styled_text("K", 64, 64, 0, fonts, ("plain",), 1.0, jitter=1.5)
