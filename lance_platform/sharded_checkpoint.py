@@ -486,7 +486,7 @@ def write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], torc
             t = value(key)
             if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
                 raise CheckpointError(f"{path.name}: {key} is {tuple(t.shape)} {t.dtype}, expected {shape} {dtype}")
-            f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+            f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())  # no bytes copy
     tmp.replace(path)
 
 
