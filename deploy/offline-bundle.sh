@@ -11,6 +11,9 @@
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site out_dir/wheels/*.whl
 #   export PYTHONPATH=/tmp/site:$PWD
 #   python3 -m jobs.cli recipe --config configs/recipes/text_rendering/recipe.yaml tracking=false ...
+# VIDEO=1 also puts the video-curation wheels such an image lacks into out_dir/video (decord with its
+# own FFmpeg, PySceneDetect; about 14 MiB), for video curation there (benchmarks/bench_video_curation.py):
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site out_dir/video/*.whl
 set -euo pipefail
 out=${1:-.offline}
 py=${PYTHON:-python3}
@@ -30,4 +33,8 @@ tar cf - -C "$tmp/ocr" . | xz -T0 -6 > "$out/rapidocr.tar.xz"
 # (pydantic) too. A package the machine already has is harmless here: --target keeps both apart.
 dl "$out/wheels" jsonschema jsonschema-specifications referencing rpds-py pydantic pydantic-core annotated-types \
    typing-inspection pyclipper shapely omegaconf colorlog
+if [ "${VIDEO:-0}" = 1 ]; then
+  mkdir -p "$out/video"
+  dl "$out/video" decord scenedetect platformdirs
+fi
 du -sh "$out"
