@@ -6,7 +6,8 @@ of the training words rendered anew for every step (so no image repeats) with th
 captions, under FSDP2 with bf16 compute on one GPU as the recipe's stages run (fp32 on CPU). Every
 `--eval-every` steps it draws the held-out words (words training never sees) with the deterministic
 ODE sampler and text CFG, and RapidOCR reads them: printed is the recipe's `t2i_ocr_accuracy` (1 -
-capped edit distance per letter, rl.rewards' `ocr`), exact reads and the samples per second.
+capped edit distance per letter, rl.rewards' `ocr`), exact reads, legible reads (`rl.rewards.ocr_legible`:
+as many letters as asked for, right or wrong: the model draws letters, whichever) and the samples per second.
 
 Curriculum: `--grow N` draws (and captions) the word's first k letters, k growing from 1 to the
 whole word over N steps, fitted to the image, as `probe_reading.py --grow` does for reading; the
@@ -187,7 +188,7 @@ def main() -> None:
     from lance_platform import parallel
     from pipelines.train_loop import unsharded_copy
     from rl.ocr import build_ocr_engine
-    from rl.rewards import OcrReward
+    from rl.rewards import OcrReward, ocr_legible
 
     overrides = {"freeze_embeddings": False, "freeze_lm_head": False, "timestep_shift": 2.0}
     for key, value in json.loads(a.override).items():
@@ -253,7 +254,9 @@ def main() -> None:
             acc = float(np.mean(scored.components["ocr"]))
             exact = float(np.mean(scored.components["ocr_exact"]))
             where = f"cfg {scale}" + (f" shift {shift}" if len(shifts) > 1 else "")
-            parts.append(f"{where}: ocr {acc:.3f} exact {exact:.3f} e.g. {scored.texts[:4]}")
+            # against `exact`, legible reads tell drawing letters apart from drawing the right ones
+            legible = float(np.mean([ocr_legible(t, w) for t, w in zip(scored.texts, targets)]))
+            parts.append(f"{where}: ocr {acc:.3f} exact {exact:.3f} legible {legible:.3f} e.g. {scored.texts[:4]}")
             if grid and a.grid and scale == scales[0] and shift == shifts[0]:
                 from PIL import Image
 

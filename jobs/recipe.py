@@ -22,7 +22,8 @@ in `jobs/demo.py`, under one work directory:
 
 The evaluation after each training stage loads the stage's final checkpoint and, on the first
 `evaluation.words` held-out words: t2i OCR accuracy (the `ocr` reward, 1 - normalised edit distance,
-and `ocr_exact`, of images from the deterministic ODE sampler with CFG, seed i for word i), scored
+and `ocr_exact`, of images from the deterministic ODE sampler with CFG, seed i for word i; also
+`t2i_ocr_legible`, the share read as as many letters as the word has, right or wrong), scored
 by the OCR reward actors; i2t exact match of greedy answers to the rendered held-out words. A stage
 cut short inside its run resumes from its own checkpoints where the stage supports it (GRPO's
 `resume: true`, Ray Train's per-stage storage); the finished-stage markers make the recipe skip
@@ -302,6 +303,7 @@ def evaluate_checkpoint(checkpoint: Path, cfg: RecipeConfigs, pool) -> tuple[dic
 
     from lance_model.generation import LanceGenerator, Request, SamplerOptions, TextOptions, generate_text
     from lance_platform.schema import row_to_sample
+    from rl.rewards import ocr_legible
     from rl.trainer import resolve_device
 
     e = cfg.recipe.evaluation
@@ -334,6 +336,8 @@ def evaluate_checkpoint(checkpoint: Path, cfg: RecipeConfigs, pool) -> tuple[dic
     chars = [char_accuracy(ans.text, r["answer"]) for ans, r in zip(answers, qa)]
     metrics = {"t2i_ocr_accuracy": float(np.mean(scored.components["ocr"])),
                "t2i_ocr_exact": float(np.mean(scored.components["ocr_exact"])),
+               # letters drawn, right or wrong (as many as the word has): drawing vs drawing the asked-for ones
+               "t2i_ocr_legible": float(np.mean([ocr_legible(t, w) for t, w in zip(scored.texts, words)])),
                "t2i_ocr_accuracy_by_cfg": by_cfg,
                "i2t_exact_match": float(np.mean(exact)) if exact else float("nan"),
                "i2t_char_accuracy": float(np.mean(chars)) if chars else float("nan"),

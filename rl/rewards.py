@@ -111,6 +111,14 @@ def ocr_exact(recognized: str, target: str) -> float:
     return float(ocr_similarity(recognized, target) == 1.0)
 
 
+def ocr_legible(recognized: str, target: str) -> float:
+    """1 when the recognised text is as many Latin letters as the target has, right or wrong: the
+    image shows letters, whichever. A diagnostic beside `ocr_exact` (not a reward term): a model that
+    draws letters but not the asked-for ones scores here and not there."""
+    rec, tgt = normalize_text(recognized), normalize_text(target)
+    return float(len(rec) == len(tgt) > 0 and rec.isascii() and rec.isalpha())
+
+
 REWARD_COMPONENTS: dict[str, Callable[[str, str], float]] = {"ocr": ocr_similarity, "ocr_exact": ocr_exact}
 LIKELIHOOD_COMPONENT = "ocr_ctc"  # from the image itself, not the recognised text (engine.likelihood)
 COMPONENT_NAMES = (*REWARD_COMPONENTS, LIKELIHOOD_COMPONENT)

@@ -179,6 +179,10 @@ def test_recipe_runs_every_stage_and_resumes(tmp_path):
         by_cfg = ev["t2i_ocr_accuracy_by_cfg"]
         assert sorted(by_cfg) == ["2.0", "4.5"] and all(0.0 <= v <= 1.0 for v in by_cfg.values())
         assert by_cfg["4.5"] == row["t2i_ocr_accuracy"]
+        from rl.rewards import ocr_legible
+
+        reads = [(x["ocr_text"], x["word"]) for x in ev["examples"] if "ocr_text" in x]
+        assert ev["t2i_ocr_legible"] == np.mean([ocr_legible(t, w) for t, w in reads])  # both words evaluated
     # the recipe's ViT trains with the model on the stored pixels (the preset has no pretrained tower)
     from lance_model.config import LanceConfig
 

@@ -40,6 +40,15 @@ def test_extra_surrounding_text_still_scores_one(scored):
     assert scored.failures == 0
 
 
+def test_legible_counts_letters_drawn_whatever_they_are(scored):
+    from rl.rewards import ocr_legible
+
+    # the right letters and two wrong ones are both ten letters; a blank or a longer read is not
+    assert [ocr_legible(t, "HELLO WORLD") for t in scored.texts] == [1.0, 1.0, 0.0, 0.0]
+    assert ocr_legible("KAL", "FOL") == 1.0 and ocr_legible("KA", "FOL") == 0.0
+    assert ocr_legible("K4L", "FOL") == 0.0 and ocr_legible("中文字", "FOL") == 0.0
+
+
 def test_prompt_file_names_bad_lines(tmp_path):
     import pytest
 
