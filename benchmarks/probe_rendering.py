@@ -81,6 +81,8 @@ class Renders:
     def caption(self, word: str, seed: int) -> str:
         if self.a.caption == "plain":
             return image_caption(word)
+        if self.a.caption == "bare":
+            return f'"{word}"'
         return styled_caption(word, seed, self.fonts, self.backgrounds, self.a.min_scale,
                               text_last=self.a.caption == "styled_text_last", palette=self.palette)
 
@@ -163,9 +165,10 @@ def main() -> None:
     p.add_argument("--memorize", type=int, default=0,
                    help="train on N fixed images (the first N training words, one style each) and evaluate on "
                         "those: can the model write what it has memorised? (a check of the sampling path)")
-    p.add_argument("--caption", default="styled", choices=("styled", "styled_text_last", "plain"),
+    p.add_argument("--caption", default="styled", choices=("styled", "styled_text_last", "plain", "bare"),
                    help="styled: the text then its style; styled_text_last: the style then the text, the text "
-                        "at the caption's end; plain: the text alone (a sign that says \"BALO\")")
+                        "at the caption's end; plain: the text alone (a sign that says \"BALO\"); bare: the "
+                        "quoted text and nothing else (\"BALO\")")
     p.add_argument("--palette", default="",
                    help="draw the colours from these named colours only (e.g. black,white); default: all of them")
     p.add_argument("--min-scale", type=float, default=0.8)
