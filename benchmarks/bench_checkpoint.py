@@ -34,8 +34,6 @@ which is emptied first.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import shutil
@@ -58,6 +56,7 @@ from lance_platform import parallel
 from lance_platform.config import from_dict
 from lance_platform.sharded_checkpoint import AsyncCheckpointWriter, export, step_name
 from pipelines.config import StageConfig
+from pipelines.profiling import peak_host_rss_mib, reset_peak_host_rss
 from pipelines.train_loop import (
     Ema,
     build_model,
@@ -71,22 +70,12 @@ GIB = 2 ** 30
 
 def peak_rss() -> float:
     """This process's peak resident memory (GiB) since the last `reset_peak`."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024 / GIB
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
-
-
-def rss() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GIB
+    return peak_host_rss_mib() / 1024
 
 
 def reset_peak() -> float:
-    """Free what can be freed, reset the peak, and return the resident memory now (GiB)."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")
-    return rss()
+    """Free what can be freed, restart the peak, and return the resident memory now (GiB)."""
+    return reset_peak_host_rss() / 1024
 
 
 def stage(args: argparse.Namespace, init: dict | None = None) -> StageConfig:
@@ -199,7 +188,7 @@ def main() -> None:
     save_sharded_checkpoint(writer, i, model, model.config, opt, sched, ema, None, rank)
     writer.wait()
     r["sync_save_s"], r["save_peak_gib"] = time.perf_counter() - t0, peak_rss() - base
-    r["snapshot_gib"] = sum(t.numel() * t.element_size() for t in writer._buffers.values()) / GIB
+    r["snapshot_gib"] = writer.host_bytes() / GIB
     i += 1
     dist.barrier()
     t0 = time.perf_counter()  # the host buffers exist now, as for every save after a stage's first

@@ -9,11 +9,19 @@
 
 A step that is not profiled costs nothing; a profiled one runs somewhat slower (the profiler's own
 bookkeeping), so its wall time is an upper bound.
+
+Host memory of this process (Linux): `reset_peak_host_rss()` frees what it can and restarts the peak,
+`peak_host_rss_mib()` reads it (VmHWM: getrusage's ru_maxrss cannot be reset, and a spawned worker
+inherits the peak of the process it forked from), `host_rss_mib()` is the resident size now.
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import logging
+import os
+import resource
 import time
 from pathlib import Path
 
@@ -24,6 +32,28 @@ from lance_platform.files import write_text_atomic
 from .config import ProfileConfig
 
 log = logging.getLogger(__name__)
+
+
+def host_rss_mib() -> float:
+    """This process's resident memory now (MiB)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def peak_host_rss_mib() -> float:
+    """This process's peak resident memory (MiB) since `reset_peak_host_rss`."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_host_rss() -> float:
+    """Collect garbage, hand freed heap back to the system (glibc's malloc_trim), restart the peak;
+    returns the resident memory then (MiB), the base a later `peak_host_rss_mib()` is read against."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+    return host_rss_mib()
 
 
 class StepProfiler:

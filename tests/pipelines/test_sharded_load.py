@@ -3,8 +3,6 @@ checkpoint on another number of workers (2 -> 1 and 1 -> 2): model, optimizer an
 from __future__ import annotations
 
 import json
-import os
-import resource
 import shutil
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from lance_platform.config import ConfigError, from_dict
 from pipelines.config import StageConfig
+from pipelines.profiling import peak_host_rss_mib, reset_peak_host_rss
 
 WIDE = {"text": {"hidden_size": 512, "num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 4,
                  "head_dim": 64, "intermediate_size": 2048, "mrope_section": [8, 12, 12]},
@@ -34,23 +33,6 @@ def stages(root: Path) -> dict[str, StageConfig]:
             "lance": stage(init={"kind": "lance", "path": str(root / "lance")}),
             "qwen": stage(init={"kind": "qwen25vl", "path": str(root / "qwen")},
                           model={"overrides": {"ce_weight": 0.25}})}
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory since `reset_peak_rss` (Linux VmHWM; getrusage's
-    ru_maxrss cannot be reset and a spawned worker inherits the peak of the process it forked from)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def reset_peak_rss() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def current_rss_mb() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
 def trainer_parts(model, stage_cfg):
@@ -94,19 +76,13 @@ def _worker(rank: int, world: int, root: str) -> None:
     root = Path(root)
     cpu = torch.device("cpu")
     shard = lambda m: parallel.apply_fsdp(m, cpu, bf16=False)
-    import ctypes
-    import gc
-
     import lance_model.encoders.vit  # noqa: F401  (its import is not part of a load)
 
     rss = {}
     for name, cfg in stages(root).items():
-        gc.collect()
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back, so the next load starts low
-        reset_peak_rss()
-        before = current_rss_mb()
+        before = reset_peak_host_rss()  # freed memory handed back, so the next load starts low
         model = build_model(cfg, device=cpu, prepare=shard)
-        rss[name] = peak_rss_mb() - before
+        rss[name] = peak_host_rss_mib() - before
         full = full_model_state(model)
         if rank == 0:
             save_file({k: v.contiguous() for k, v in full.items()}, str(root / f"sharded_{name}.safetensors"))
