@@ -165,6 +165,10 @@ class AsyncCheckpointWriter:
         buf.copy_(src, non_blocking=src.device.type == "cuda")
         return buf
 
+    def host_bytes(self) -> int:
+        """Bytes of the host buffers the saves copy into (kept and reused from one save to the next)."""
+        return sum(t.numel() * t.element_size() for t in self._buffers.values())
+
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 

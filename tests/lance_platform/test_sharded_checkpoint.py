@@ -183,6 +183,11 @@ def test_the_step_goes_on_while_the_save_is_written_and_it_is_visible_only_when_
     with sc.ShardedCheckpoint(chosen) as read:
         assert torch.equal(read.rows("model", key), at_save)
         assert torch.equal(read.rows("model", key, 3, 7), at_save[3:7])
+    # the host buffers hold one copy of what a save writes: every tensor of the checkpoint's files
+    with sc.ShardedCheckpoint(chosen) as read:
+        stored = sum(read.rows(g, n).numel() * read.rows(g, n).element_size()
+                     for g in ("model", "ema", "optim") for n in read.names(g))
+    assert writer.host_bytes() == stored > 0
 
 
 def test_the_checkpoint_commits_only_when_every_rank_wrote_its_files(tmp_path):
